@@ -1,0 +1,27 @@
+# `make demo` and `make test` each set up their own virtual environment first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-fast bench clean-venv
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python eval.py info cifar10
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/forward.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Pair generation and the on-disk shard format."""

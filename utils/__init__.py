@@ -1,0 +1,1 @@
+"""Strategy, checkpoints, images, metrics and CLI plumbing shared by the entry points."""
