@@ -68,6 +68,7 @@ class DatasetConfig:
     train: TrainConfig
     teacher: str  # where the pretrained teacher comes from (shown by `eval.py info`)
     teacher_file: str  # default file name of the official checkpoint
+    family: str = "ddpm"  # "ddpm" (official TF1 names) or "ddim" (PyTorch state_dict order)
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -113,6 +114,7 @@ CONFIGS: dict[str, DatasetConfig] = {
                           beta_2=0.98, epsilon=1e-8, ema_decay=0.995, epochs=35),
         teacher="DDIM (Song et al. 2020), PyTorch checkpoint, EMA weights",
         teacher_file="celeba/ckpt.pth",
+        family="ddim",
     ),
     "lsun_bedroom": DatasetConfig(
         name="lsun_bedroom", network=_LSUN_NET, sampler=_UNIFORM_50, pairs=_LSUN_PAIRS,

@@ -94,9 +94,12 @@ def _variance_scaling(scale: float):
 class UNet(keras.Model):
     """eps_theta(x, t): [B, H, W, in_ch] x [B] -> [B, H, W, out_ch]."""
 
-    def __init__(self, cfg: NetworkConfig, **kwargs):
+    def __init__(self, cfg: NetworkConfig, compute_dtype: str = "float32", **kwargs):
         super().__init__(**kwargs)
         self.cfg = cfg
+        # Weights stay float32; "bfloat16" runs convolutions and matmuls in bfloat16 (GroupNorm in
+        # float32) and returns float32.
+        self.run_dtype = tf.as_dtype(compute_dtype)
         self.leaves: dict[str, _Leaf] = {}
         ch, temb_ch = cfg.ch, cfg.ch * 4
         self._add(Dense("temb/dense0", ch, temb_ch))
@@ -157,6 +160,7 @@ class UNet(keras.Model):
     # -- forward ------------------------------------------------------------------------------
     def call(self, x, t, training=False):
         cfg, L = self.cfg, self.leaves
+        x = tf.cast(x, self.run_dtype)
         temb = timestep_embedding(t, cfg.ch)
         temb = L["temb/dense1"](tf.nn.silu(L["temb/dense0"](temb)))
         temb = tf.cast(temb, x.dtype)
@@ -182,7 +186,7 @@ class UNet(keras.Model):
                 h = _upsample_nearest(h)
                 h = L[f"up_{i}/upsample/conv"](h)
         h = tf.nn.silu(L["norm_out"](h))
-        return L["conv_out"](h)
+        return tf.cast(L["conv_out"](h), tf.float32)
 
     def _res(self, scope: str, x, temb, training):
         L = self.leaves
@@ -211,10 +215,6 @@ def _upsample_nearest(x):
     b, h, w, c = tf.unstack(tf.shape(x))
     x = tf.tile(x[:, :, None, :, None, :], [1, 1, 2, 1, 2, 1])
     return tf.reshape(x, [b, h * 2, w * 2, c])
-
-
-def build_unet(cfg: NetworkConfig) -> UNet:
-    return UNet(cfg)
 
 
 def official_variables(model: UNet) -> dict[str, keras.Variable]:

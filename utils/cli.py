@@ -32,9 +32,10 @@ def quiet_tensorflow() -> None:
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Call main; turn UserError (and unknown-dataset errors) into `error: ...` and exit 2."""
     from models.configs import UnknownDatasetError
+    from models.weights import WeightsError
     try:
         code = main(argv)
-    except (UserError, UnknownDatasetError) as e:
+    except (UserError, UnknownDatasetError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

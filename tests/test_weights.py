@@ -1,0 +1,174 @@
+"""Weight import from files written in the official formats by independent fixtures
+(tests/reference), checked tensor by tensor and by an independent NumPy forward pass."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.configs import CONFIGS
+from models.unet import UNet, official_variables
+from models.weights import (ORIGINAL_GN_EPS, WeightsError, load_unet, read_weights,
+                            save_converted)
+from tests.reference.official import (numpy_forward, official_variable_shapes, random_params,
+                                      write_ddim_pth, write_ddpm_tf1_checkpoint)
+from tests.reference.original_h5 import write_original_h5
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = CONFIGS["tiny"]
+NET = TINY.network
+SHAPES = official_variable_shapes(NET.ch, NET.ch_mult, NET.num_res_blocks, NET.attn_resolutions,
+                                  NET.resolution)
+RAW, EMA = random_params(SHAPES, seed=1), random_params(SHAPES, seed=2)
+
+
+def reference_output(params, gn_eps):
+    x = np.random.default_rng(5).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    t = np.array([999, 37])
+    ref = numpy_forward(params, x, t, ch=NET.ch, ch_mult=NET.ch_mult,
+                        num_res_blocks=NET.num_res_blocks, attn_resolutions=NET.attn_resolutions,
+                        gn_eps=gn_eps)
+    return x, t, ref
+
+
+def assert_holds(model, params):
+    ours = official_variables(model)
+    assert set(ours) == set(params)
+    for name, value in params.items():
+        np.testing.assert_array_equal(ours[name].numpy(), value, err_msg=name)
+
+
+def assert_forward_matches(model, params, gn_eps):
+    x, t, ref = reference_output(params, gn_eps)
+    np.testing.assert_allclose(model(tf.constant(x), tf.constant(t)).numpy(), ref, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tf1_ckpt(tmp_path_factory):
+    return write_ddpm_tf1_checkpoint(str(tmp_path_factory.mktemp("ddpm") / "model.ckpt"), RAW, EMA,
+                                     step=790000)
+
+
+def test_ddpm_tf1_loads_ema_by_name_and_matches_numpy_forward(tf1_ckpt):
+    model, w = load_unet(tf1_ckpt, TINY)
+    assert_holds(model, EMA)
+    assert w.step == 790000 and w.ema and w.gn_eps == 1e-6
+    assert any(n.endswith("/Adam") for n in w.ignored) and "global_step" not in w.params
+    assert_forward_matches(model, EMA, gn_eps=1e-6)
+
+
+def test_ddpm_tf1_raw_weights_on_request(tf1_ckpt):
+    model, w = load_unet(os.path.dirname(tf1_ckpt), TINY, ema=False)  # a folder works too
+    assert_holds(model, RAW)
+    assert w.ema is False
+
+
+def test_ddim_pth_loads_ema_and_matches_numpy_forward(tmp_path):
+    pytest.importorskip("torch")
+    path = write_ddim_pth(str(tmp_path / "ckpt.pth"), RAW, EMA)
+    model, w = load_unet(path, TINY.replace(family="ddim"))
+    assert_holds(model, EMA)
+    assert_forward_matches(model, EMA, gn_eps=1e-6)
+    raw_model, _ = load_unet(path, TINY, ema=False)
+    assert_holds(raw_model, RAW)
+
+
+def test_ddim_pth_without_torch_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(WeightsError, match="pip install torch"):
+        read_weights(str(tmp_path / "ckpt.pth"), TINY)
+
+
+@pytest.mark.parametrize("family", ["ddpm", "ddim"])
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_original_h5_lands_by_creation_order(tmp_path, family, kind):
+    path = str(tmp_path / f"{kind}.h5")
+    placed = write_original_h5(path, EMA, family=family, kind=kind)
+    model, w = load_unet(path, TINY.replace(family=family))
+    assert w.gn_eps == ORIGINAL_GN_EPS == 1e-3 and model.cfg.gn_eps == 1e-3
+    assert_holds(model, EMA)
+    assert len(placed) == len(SHAPES)
+    assert_forward_matches(model, EMA, gn_eps=1e-3)
+
+
+def test_original_h5_of_the_other_family_is_rejected(tmp_path):
+    path = str(tmp_path / "student.h5")
+    write_original_h5(path, EMA, family="ddim", kind="student")
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_unet(path, TINY)  # read in DDPM order: kinds or shapes disagree
+
+
+def test_convert_cli_records_provenance_and_round_trips(tf1_ckpt, tmp_path):
+    out = str(tmp_path / "converted")
+    cmd = [sys.executable, "-m", "models.convert", "--dataset", "tiny", tf1_ckpt, out]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    model, w = load_unet(out, TINY)
+    assert_holds(model, EMA)
+    assert (w.format, w.ema, w.step, w.dataset) == ("converted", True, 790000, "tiny")
+    assert len(w.sha256) == 64 and w.source == tf1_ckpt
+    before = sorted(os.listdir(out))
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "already holds" in again.stderr and sorted(os.listdir(out)) == before
+
+
+def test_converted_checkpoint_of_another_dataset_is_rejected(tmp_path):
+    model = UNet(NET)
+    save_converted(model, str(tmp_path / "c"), {"dataset": "tiny"})
+    with pytest.raises(WeightsError, match="holds tiny weights, not cifar10"):
+        load_unet(str(tmp_path / "c"), CONFIGS["cifar10"])
+
+
+def test_wrong_dataset_names_the_variables(tf1_ckpt):
+    net = CONFIGS["cifar10"].network
+    big = official_variable_shapes(net.ch, net.ch_mult, net.num_res_blocks, net.attn_resolutions,
+                                   net.resolution)
+    missing = [n for n in big if n not in SHAPES]
+    with pytest.raises(WeightsError) as e:
+        load_unet(tf1_ckpt, CONFIGS["cifar10"])
+    assert f"{len(missing)} missing: " in str(e.value)
+    assert str(e.value).split(" missing: ")[1].split(",")[0] in missing
+    assert "wrong shape: temb/dense0/W (32, 128) vs (128, 512)" in str(e.value)
+
+
+def test_h5_of_another_dataset_reports_counts(tmp_path):
+    path = str(tmp_path / "s.h5")
+    write_original_h5(path, EMA, family="ddpm", kind="student")
+    with pytest.raises(WeightsError, match="another dataset"):
+        load_unet(path, CONFIGS["cifar10"])
+
+
+def _truncate(path, keep=0.5):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(size * keep))
+
+
+def test_truncated_files_give_clear_errors(tf1_ckpt, tmp_path):
+    import shutil
+    folder = tmp_path / "ddpm"
+    shutil.copytree(os.path.dirname(tf1_ckpt), folder)
+    prefix = str(folder / os.path.basename(tf1_ckpt))
+    _truncate(prefix + ".data-00000-of-00001")
+    with pytest.raises(WeightsError, match="checkpoint"):
+        load_unet(prefix, TINY)
+
+    h5 = str(tmp_path / "s.h5")
+    write_original_h5(h5, EMA, family="ddpm", kind="student")
+    _truncate(h5)
+    with pytest.raises(WeightsError, match="unreadable Keras h5"):
+        load_unet(h5, TINY)
+
+    with pytest.raises(WeightsError, match="not found"):
+        load_unet(str(tmp_path / "nothing.ckpt"), TINY)
+
+
+def test_corrupt_pth_gives_clear_error(tmp_path):
+    pytest.importorskip("torch")
+    path = write_ddim_pth(str(tmp_path / "ckpt.pth"), RAW, EMA)
+    _truncate(path)
+    with pytest.raises(WeightsError, match="unreadable PyTorch"):
+        load_unet(path, TINY)
