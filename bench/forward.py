@@ -1,7 +1,8 @@
 """Forward-pass speed of the full-size U-Nets on this machine.
 
-For each config: images/s at a small and a large batch, compiled graph (tf.function) vs eager, and
-bfloat16 compute vs float32 (speed ratio and the largest output difference). Ratios are measured in
+For each config: images/s at a small and a large batch, compiled graph (tf.function) vs eager, XLA
+(jit_compile) vs plain graph, and bfloat16 compute vs float32 (speed ratio and the largest output
+difference). Ratios are measured in
 the same run, so they hold up on a noisy machine better than absolute numbers.
 
     python bench/forward.py                       # cifar10 at batch 1 and 64, celeba 1 and 16, lsun 1
@@ -54,16 +55,19 @@ def bench(dataset: str, batches: list[int], repeats: int) -> None:
         b.assign(a)
     graph32 = tf.function(lambda x, t: f32(x, t))
     graph16 = tf.function(lambda x, t: bf16(x, t))
+    xla32 = tf.function(lambda x, t: f32(x, t), jit_compile=True)
     for batch in batches:
         x = tf.random.stateless_normal([batch, net.resolution, net.resolution, net.in_ch], [0, batch])
         t = tf.fill([batch], 999)
         s_graph = seconds_per_call(graph32, x, t, repeats)
         s_eager = seconds_per_call(lambda x, t: f32(x, t), x, t, repeats)
         s_bf16 = seconds_per_call(graph16, x, t, repeats)
+        s_xla = seconds_per_call(xla32, x, t, repeats)
         diff = float(tf.reduce_max(tf.abs(graph32(x, t) - graph16(x, t))))
         scale = float(tf.reduce_max(tf.abs(graph32(x, t))))
         print(f"{dataset:12s} batch {batch:3d}: graph {batch / s_graph:7.2f} img/s "
               f"({1000 * s_graph / batch:7.1f} ms/img) | graph/eager speed {s_eager / s_graph:5.2f}x | "
+              f"xla/graph speed {s_graph / s_xla:5.2f}x | "
               f"bf16/f32 speed {s_graph / s_bf16:5.2f}x, max |diff| {diff:.3g} (output max {scale:.3g})",
               flush=True)
 
