@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import tensorflow as tf
 
+from models.atomic import write_json
 from models.configs import DatasetConfig
 from models.unet import UNet, official_variables
 
@@ -312,7 +312,7 @@ def save_converted(model: UNet, out_dir: str, meta: dict) -> str:
         os.replace(src, os.path.join(out_dir, CKPT_PREFIX + src[len(written):]))
     meta = {"format_version": FORMAT_VERSION, "gn_eps": model.cfg.gn_eps,
             "network": asdict(model.cfg), **meta}
-    write_json_atomic(os.path.join(out_dir, META_FILE), meta)
+    write_json(os.path.join(out_dir, META_FILE), meta)
     return out_dir
 
 
@@ -328,15 +328,6 @@ def read_converted(out_dir: str) -> Weights:
     return Weights(params, float(meta["gn_eps"]), meta.get("source", out_dir), "converted",
                    ema=meta.get("ema"), step=meta.get("step"), dataset=meta.get("dataset"),
                    sha256=meta.get("sha256"))
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # -- putting weights into a network ----------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""Stage 1: the teacher's (X_T, F_teacher(X_T)) pairs, generated once, reproducibly and resumably.
+
+Each shard is generated in full, written under a temporary name, renamed, then recorded (size and
+sha256) in manifest.json. A run killed at any moment resumes at the first shard that is not recorded
+and intact; what it writes is byte-identical to an uninterrupted run with the same seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from data.shards import (FORMAT_VERSION, PairSetError, Shard, check_file, example_noise,
+                         layout, locked_manifest, npy_bytes, quantise_targets, read_manifest,
+                         save_npy_atomic)
+from models.configs import DatasetConfig
+from models.diffusion import ddim_plan, ddim_sample
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSettings:
+    """What determines the bytes of a pair set; a resumed run must match it exactly."""
+    dataset: str
+    seed: int
+    n_examples: int
+    shard_size: int
+    n_test: int
+    compact: bool
+    image_shape: tuple[int, int, int]
+    sampler: dict
+    teacher_sha256: str | None
+
+
+def settings_for(cfg: DatasetConfig, *, seed: int, n_examples: int | None = None,
+                 shard_size: int | None = None, n_test: int | None = None,
+                 compact: bool = False, fewer: bool = False,
+                 teacher_sha256: str | None = None) -> PairSettings:
+    p, net = cfg.pairs, cfg.network
+    if n_examples is None:
+        n_examples = p.n_examples_fewer if fewer and p.n_examples_fewer else p.n_examples
+    return PairSettings(cfg.name, seed, n_examples, shard_size or p.shard_size,
+                        p.n_test if n_test is None else n_test, compact,
+                        (net.resolution, net.resolution, net.in_ch),
+                        dataclasses.asdict(cfg.sampler), teacher_sha256)
+
+
+def bytes_needed(s: PairSettings, shards: list[Shard]) -> int:
+    per = [npy_bytes((sh.count, *s.image_shape), np.uint8) +
+           (0 if s.compact else npy_bytes((sh.count, *s.image_shape), np.float16)) for sh in shards]
+    return sum(per)
+
+
+def make_teacher_fn(teacher: Callable, cfg: DatasetConfig, strategy: tf.distribute.Strategy,
+                    xla: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """X_T [B, H, W, C] -> teacher DDIM output in [-1, 1] (unclipped), the batch split over the
+    replicas of this worker. One compiled while-loop per replica."""
+    plan = ddim_plan(cfg.sampler)
+    local = strategy.extended.worker_devices
+    # XLA inside strategy.run with mirrored variables fails ("variable on a different device");
+    # compile only where one replica runs per worker (TPUs compile anyway).
+    xla = xla and len(local) == 1
+
+    @tf.function(jit_compile=xla)
+    def sample(x):
+        return ddim_sample(lambda v, t: teacher(v, t, training=False), x, plan)
+
+    @tf.function
+    def distributed(x):
+        return strategy.run(sample, args=(x,))
+
+    first_id = _first_local_replica_id(strategy)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        pad = -n % len(local)  # a short last batch is padded to split evenly, then trimmed
+        parts = np.split(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]), len(local))
+        value = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group - first_id]))
+        out = strategy.experimental_local_results(distributed(value))
+        return np.concatenate([o.numpy() for o in out])[:n]
+    return run
+
+
+def _first_local_replica_id(strategy: tf.distribute.Strategy) -> int:
+    """Global id of this worker's first replica (replica ids are global under multi-worker)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return strategy.cluster_resolver.task_id * len(strategy.extended.worker_devices)
+    return 0
+
+
+def my_shards(shards: list[Shard], worker: tuple[int, int]) -> list[Shard]:
+    """Shards this worker writes: disjoint across the workers of a job."""
+    index, count = worker
+    return [s for i, s in enumerate(shards) if i % count == index]
+
+
+def generate_pairs(folder: str, s: PairSettings, teacher_fn: Callable[[np.ndarray], np.ndarray],
+                   gen_batch: int, worker: tuple[int, int] = (0, 1), progress: bool = True,
+                   preview: Callable[[np.ndarray], None] | None = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """Generate whatever this worker's part of the pair set lacks; returns the manifest."""
+    os.makedirs(folder, exist_ok=True)
+    settings = dataclasses.asdict(s)
+    shards = layout(s.n_examples, s.shard_size, s.n_test)
+    with locked_manifest(folder) as manifest:
+        if manifest:
+            _check_same_settings(folder, manifest, settings)
+        else:
+            manifest.update(format_version=FORMAT_VERSION, **settings, files={},
+                            shards=[dataclasses.asdict(sh) for sh in shards],
+                            x_dtype="float16", y_dtype="uint8")
+    todo = []
+    for sh in my_shards(shards, worker):
+        names = [sh.y_file] + ([] if s.compact else [sh.x_file])
+        problems = {n: check_file(folder, n, manifest["files"].get(n)) for n in names}
+        bad = {n: p for n, p in problems.items() if p}
+        if bad:
+            if any(p not in ("not recorded as complete", "missing") for p in bad.values()):
+                log(f"regenerating {sh.name}: " + ", ".join(f"{n} {p}" for n, p in bad.items()))
+            todo.append(sh)
+    need, free = bytes_needed(s, todo), shutil.disk_usage(folder).free
+    if need > free:
+        raise PairSetError(f"not enough disk space in {folder}: the pairs need {need:,} bytes, "
+                           f"{free:,} are free")
+    bar = tqdm(total=sum(sh.count for sh in todo), unit="pair", disable=not progress,
+               desc=f"pairs ({s.dataset})", smoothing=0.1)
+    for sh in todo:
+        x, y = _generate_shard(sh, s, teacher_fn, gen_batch, bar, preview)
+        preview = None  # only the first batch of a run
+        records = {sh.y_file: save_npy_atomic(os.path.join(folder, sh.y_file), y)}
+        if not s.compact:
+            records[sh.x_file] = save_npy_atomic(os.path.join(folder, sh.x_file),
+                                                 x.astype(np.float16))
+        with locked_manifest(folder) as manifest:
+            manifest["files"].update(records)
+    bar.close()
+    return read_manifest(folder)
+
+
+def _generate_shard(sh: Shard, s: PairSettings, teacher_fn, gen_batch: int, bar, preview):
+    x = np.empty((sh.count, *s.image_shape), np.float32)
+    y = np.empty((sh.count, *s.image_shape), np.uint8)
+    for start in range(0, sh.count, gen_batch):
+        idx = np.arange(sh.start + start, sh.start + min(start + gen_batch, sh.count))
+        xb = example_noise(tf.constant(idx), s.seed, sh.stream, s.image_shape).numpy()
+        out = teacher_fn(xb)
+        if preview is not None:
+            preview(out)
+            preview = None
+        x[start:start + len(idx)] = xb
+        y[start:start + len(idx)] = quantise_targets(out)
+        bar.update(len(idx))
+    return x, y
+
+
+def _check_same_settings(folder: str, manifest: dict, settings: dict) -> None:
+    def norm(v):  # JSON turns tuples into lists
+        return list(v) if isinstance(v, tuple) else v
+    diff = [k for k, v in settings.items() if norm(manifest.get(k)) != norm(v)]
+    if diff:
+        shown = ", ".join(f"{k}: {manifest.get(k)!r} there, {settings[k]!r} now" for k in diff[:3])
+        raise PairSetError(f"{folder} holds pairs made with other settings ({shown}); "
+                           f"use another --datadir or the same settings")

@@ -1,0 +1,29 @@
+"""Shared test helpers: running the CLIs, and a tiny teacher with random (non-zero) weights."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=900, **popen):
+    """Run `python <args>` in the repository root, as a user would."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT}, **popen)
+
+
+def make_tiny_teacher(folder: str, seed: int = 0) -> str:
+    """A converted checkpoint of the tiny network with random weights from the independent
+    reference (the official init zeroes conv_out, which would make the teacher trivial)."""
+    from models.configs import CONFIGS
+    from models.unet import UNet, official_variables
+    from models.weights import save_converted
+    from tests.reference.official import official_variable_shapes, random_params
+
+    net = CONFIGS["tiny"].network
+    params = random_params(official_variable_shapes(net.ch, net.ch_mult, net.num_res_blocks,
+                                                    net.attn_resolutions, net.resolution), seed)
+    model = UNet(net)
+    for name, var in official_variables(model).items():
+        var.assign(params[name])
+    return save_converted(model, folder, {"dataset": "tiny", "source": "random (tests)"})

@@ -1,0 +1,218 @@
+"""Pair generation (stage 1) and the shard format: reproducible, resumable, distributed, checked."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data import shards
+from data.pairs import generate_pairs, make_teacher_fn, settings_for
+from data.shards import PairSetError, batches, open_pair_set, read_manifest, heldout_batches
+from models.configs import CONFIGS
+from models.diffusion import ddim_plan, ddim_sample
+from models.weights import load_unet
+from tests.helpers import ROOT, make_tiny_teacher, run_cli
+
+TINY = CONFIGS["tiny"]
+SHAPE = (16, 16, 3)
+SEED = 7
+GEN = ["--n_examples", "192", "--shard_size", "32", "--n_test", "32", "--gen_batch_size", "16",
+       "--seed", str(SEED), "--generate_only", "--no_progress"]
+
+
+def generate(teacher, datadir, *extra, **kw):
+    return run_cli("training.py", "tiny", os.path.join(datadir, "run"), "--teacher", teacher,
+                   "--datadir", datadir, *GEN, *extra, **kw)
+
+
+def files_of(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
+            if f.endswith(".npy")}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def reference_set(teacher, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("pairs") / "ref")
+    r = generate(teacher, folder)
+    assert r.returncode == 0, r.stderr
+    return folder
+
+
+def reference_noise(seed, stream, index):
+    """X_T by its definition: stateless N(0, I) keyed by (seed, stream * 2^40 + index), float16."""
+    x = tf.random.stateless_normal(SHAPE, seed=tf.constant([seed, stream * 2 ** 40 + index], tf.int64))
+    return x.numpy().astype(np.float16)
+
+
+@pytest.mark.slow
+def test_layout_manifest_and_definition_of_x(reference_set):
+    m = read_manifest(reference_set)
+    names = sorted(files_of(reference_set))
+    assert names == sorted([f"{p}_{s}.npy" for p in "xy"
+                            for s in ["test"] + [f"train_{k}" for k in range(6)]])
+    assert m["seed"] == SEED and m["n_examples"] == 192 and m["format_version"] == 1
+    for name, rec in m["files"].items():
+        assert rec["sha256"] == shards.sha256_file(os.path.join(reference_set, name))
+    x1 = np.load(os.path.join(reference_set, "x_train_1.npy"))
+    assert x1.dtype == np.float16 and x1.shape == (32, *SHAPE)
+    np.testing.assert_array_equal(x1[5], reference_noise(SEED, 0, 32 + 5))
+    np.testing.assert_array_equal(np.load(os.path.join(reference_set, "x_test.npy"))[0],
+                                  reference_noise(SEED, 1, 0))
+    assert os.path.exists(os.path.join(reference_set, "preview.png"))
+
+
+@pytest.mark.slow
+def test_targets_are_the_teacher_ddim_output_rounded(reference_set, teacher):
+    model, _ = load_unet(teacher, TINY)
+    x = np.load(os.path.join(reference_set, "x_train_2.npy")).astype(np.float32)
+    out = tf.function(lambda v: ddim_sample(model, v, ddim_plan(TINY.sampler)))(x).numpy()
+    expected = np.floor((np.clip(out, -1, 1) + 1) * 127.5 + 0.5).astype(np.uint8)  # round half up
+    stored = np.load(os.path.join(reference_set, "y_train_2.npy"))
+    diff = np.abs(stored.astype(int) - expected)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # XLA vs plain graph: rare 1-level flips
+    assert np.std(stored) > 5  # a real, non-constant teacher output
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_byte_identical(reference_set, teacher, tmp_path):
+    folder = str(tmp_path / "killed")
+    cmd = [sys.executable, "training.py", "tiny", str(tmp_path / "run"), "--teacher", teacher,
+           "--datadir", folder, *GEN]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once some but not all shards are recorded
+        m = read_manifest(folder) if os.path.isdir(folder) else None
+        if m and len(m.get("files", {})) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    recorded = len(read_manifest(folder)["files"])
+    assert 3 <= recorded < 14, recorded
+    r = generate(teacher, folder)
+    assert r.returncode == 0, r.stderr
+    assert files_of(folder) == files_of(reference_set)
+    assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_two_replicas_give_the_same_pairs(reference_set, teacher, tmp_path):
+    folder = str(tmp_path / "two")
+    r = generate(teacher, folder, "--cpu_replicas", "2")
+    assert r.returncode == 0, r.stderr
+    a, b = files_of(folder), files_of(reference_set)
+    for name in a:
+        if name.startswith("x_"):
+            assert a[name] == b[name], name
+        else:
+            ya = np.load(os.path.join(folder, name)).astype(int)
+            yb = np.load(os.path.join(reference_set, name)).astype(int)
+            flips = int((ya != yb).sum())
+            assert np.abs(ya - yb).max() <= 1, name
+            print(f"{name}: {flips} of {ya.size} values differ by one level")
+
+
+@pytest.mark.slow
+def test_corrupt_shard_is_detected_and_regenerated(reference_set, teacher, tmp_path):
+    folder = str(tmp_path / "corrupt")
+    shutil.copytree(reference_set, folder)
+    path = os.path.join(folder, "y_train_3.npy")
+    data = bytearray(open(path, "rb").read())
+    data[-10] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    r = generate(teacher, folder)
+    assert r.returncode == 0, r.stderr
+    assert "regenerating train_3: y_train_3.npy checksum mismatch" in r.stdout
+    assert files_of(folder) == files_of(reference_set)
+
+
+@pytest.mark.slow
+def test_other_settings_are_refused_without_touching_files(reference_set, teacher, tmp_path):
+    folder = str(tmp_path / "other")
+    shutil.copytree(reference_set, folder)
+    before = files_of(folder)
+    r = run_cli("training.py", "tiny", str(tmp_path / "run"), "--teacher", teacher, "--datadir",
+                folder, *GEN[:-4], "--seed", "8", "--generate_only")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "other settings (seed: 7 there, 8 now)" in r.stderr
+    assert files_of(folder) == before
+
+
+def _tiny_teacher_fn(teacher):
+    model, _ = load_unet(teacher, TINY)
+    return make_teacher_fn(model, TINY, tf.distribute.OneDeviceStrategy("/cpu:0"), xla=False)
+
+
+def test_short_disk_is_a_clear_error(teacher, tmp_path, monkeypatch):
+    from data import pairs
+    s = settings_for(TINY, seed=0, n_examples=64, shard_size=32, n_test=0)
+    usage = shutil.disk_usage(str(tmp_path))
+    monkeypatch.setattr(pairs.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    need = 2 * (shards.npy_bytes((32, *SHAPE), np.uint8) + shards.npy_bytes((32, *SHAPE), np.float16))
+    with pytest.raises(PairSetError, match=f"need {need:,} bytes, 1,000 are free"):
+        generate_pairs(str(tmp_path / "p"), s, _tiny_teacher_fn(teacher), 16, progress=False)
+
+
+def test_compact_set_stores_no_x_and_reads_the_same_x(teacher, tmp_path):
+    fn = _tiny_teacher_fn(teacher)
+    full = settings_for(TINY, seed=3, n_examples=64, shard_size=32, n_test=16)
+    compact = settings_for(TINY, seed=3, n_examples=64, shard_size=32, n_test=16, compact=True)
+    generate_pairs(str(tmp_path / "full"), full, fn, 16, progress=False)
+    generate_pairs(str(tmp_path / "compact"), compact, fn, 16, progress=False)
+    assert not [f for f in os.listdir(tmp_path / "compact") if f.startswith("x_")]
+    a, b = (open_pair_set(str(tmp_path / n), SHAPE, verify=True) for n in ("full", "compact"))
+    for (xa, ya), (xb, yb) in zip(batches(a, 16, 0, 1), batches(b, 16, 0, 1)):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    for (xa, _), (xb, _) in zip(heldout_batches(a, 10), heldout_batches(b, 10)):
+        np.testing.assert_array_equal(xa, xb)
+    size = lambda n: sum(os.path.getsize(tmp_path / n / f)  # noqa: E731
+                         for f in os.listdir(tmp_path / n) if f.endswith(".npy"))
+    per_pair = {n: size(n) / 80 for n in ("full", "compact")}
+    print(f"bytes per pair: full {per_pair['full']:.0f}, compact {per_pair['compact']:.0f}")
+    assert per_pair["compact"] < 0.35 * per_pair["full"]
+
+
+def test_original_layout_without_manifest_is_read(tmp_path):
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        np.save(tmp_path / f"x_train_{k}.npy", rng.standard_normal((20, *SHAPE)).astype(np.float16))
+        np.save(tmp_path / f"y_train_{k}.npy", rng.integers(0, 256, (20, *SHAPE), dtype=np.uint8))
+    np.save(tmp_path / "x_test.npy", rng.standard_normal((8, *SHAPE)).astype(np.float16))
+    np.save(tmp_path / "y_test.npy", rng.integers(0, 256, (8, *SHAPE), dtype=np.uint8))
+    p = open_pair_set(str(tmp_path), SHAPE)
+    assert p.n_train == 60 and p.test.count == 8 and not p.compact
+    seen = np.concatenate([y for _, y in batches(p, 10, epoch=0, seed=0)])
+    everything = np.concatenate([np.load(tmp_path / f"y_train_{k}.npy") for k in range(3)])
+    assert sorted(map(bytes, seen)) == sorted(map(bytes, everything))  # each pair once per epoch
+    np.save(tmp_path / "y_train_1.npy", np.zeros((20, 8, 8, 3), np.uint8))
+    with pytest.raises(PairSetError, match=r"y_train_1.npy: uint8\[20, 8, 8, 3\], expected uint8\[20, 16, 16, 3\]"):
+        open_pair_set(str(tmp_path), SHAPE)
+
+
+def test_reader_order_is_seeded_shuffled_across_shards_and_splits_by_worker(tmp_path):
+    for k in range(4):  # y encodes (shard, row) so every example is identifiable
+        y = np.zeros((25, *SHAPE), np.uint8)
+        y[:, 0, 0, 0], y[:, 0, 0, 1] = k, np.arange(25)
+        np.save(tmp_path / f"y_train_{k}.npy", y)
+        np.save(tmp_path / f"x_train_{k}.npy", np.zeros((25, *SHAPE), np.float16))
+    p = open_pair_set(str(tmp_path), SHAPE)
+    ids = lambda bs: [tuple(y[:, 0, 0, :2].tolist()) for _, y in bs]  # noqa: E731
+    e0 = ids(batches(p, 8, epoch=0, seed=1))
+    assert len(e0) == 100 // 8
+    assert e0 == ids(batches(p, 8, epoch=0, seed=1)) and e0 != ids(batches(p, 8, epoch=1, seed=1))
+    assert any(len({s for s, _ in b}) > 1 for b in e0)  # batches mix shards
+    assert ids(batches(p, 8, epoch=0, seed=1, start_step=5)) == e0[5:]
+    halves = [ids(batches(p, 8, epoch=0, seed=1, part=(w, 2))) for w in range(2)]
+    assert [a + b for a, b in zip(*halves)] == e0

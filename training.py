@@ -1,0 +1,136 @@
+"""Distil a diffusion teacher into a one-step Denoising Student.
+
+    python training.py cifar10 ./ckpt                     # pairs (if missing), then the student
+    python training.py cifar10 ./ckpt --generate_only     # stage 1 only: the teacher's pairs
+
+Stage 1 writes the teacher's (X_T, F_teacher(X_T)) pairs to --datadir (default ./datasets/DATASET)
+and never regenerates what is complete; stage 2 trains the student on them under the chosen
+tf.distribute strategy. Everything resumes where it stopped when run again with the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from utils.cli import UserError, quiet_tensorflow, run
+
+quiet_tensorflow()
+
+from models.configs import CONFIGS, DatasetConfig, get_config  # noqa: E402
+
+DEFAULT_TEACHER_DIRS = ("./teachers", "./official_models", "./Original_Models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", metavar="DATASET", choices=list(CONFIGS),
+                   help=f"one of: {', '.join(CONFIGS)}")
+    p.add_argument("savedir", metavar="SAVEDIR", help="run directory (checkpoints, logs, samples)")
+    g = p.add_argument_group("teacher and pairs (stage 1)")
+    g.add_argument("--datadir", default=None,
+                   help="pair-set folder (default ./datasets/DATASET)")
+    g.add_argument("--teacher", default=None,
+                   help="teacher weights: a converted folder, an official DDPM checkpoint, the DDIM "
+                        ".pth or the original model_tf2_DATASET.h5 (default: looked up in "
+                        f"{', '.join(DEFAULT_TEACHER_DIRS)})")
+    g.add_argument("--raw_teacher", action="store_true",
+                   help="use the teacher's raw weights instead of its EMA weights")
+    g.add_argument("--seed", type=int, default=0, help="seed of the pair noise and of training")
+    g.add_argument("--n_examples", type=int, help="training pairs (default: per dataset)")
+    g.add_argument("--shard_size", type=int, help="pairs per shard file (default: per dataset)")
+    g.add_argument("--n_test", type=int, help="held-out pairs (default: per dataset)")
+    g.add_argument("--use_fewer_lsun_examples", action="store_true",
+                   help="LSUN: 204,800 pairs instead of 1,024,000")
+    g.add_argument("--compact", action="store_true",
+                   help="store no X (recomputed from the seed when read): a third of the disk")
+    g.add_argument("--gen_batch_size", type=int,
+                   help="teacher batch for generation (default: twice the training batch)")
+    g.add_argument("--generate_only", action="store_true", help="stop after stage 1")
+    g.add_argument("--no_generate", action="store_true",
+                   help="never generate: fail if the pair set is missing or incomplete")
+    d = p.add_argument_group("devices")
+    d.add_argument("--tpu", default=None, help="TPU name or address: use TPUStrategy")
+    d.add_argument("--devices", nargs="*", default=None, help="GPU devices for MirroredStrategy")
+    d.add_argument("--cpu_replicas", type=int, default=1,
+                   help="split the CPU into N logical replicas (for trying multi-replica code)")
+    d.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the teacher loop and the training step with XLA")
+    d.add_argument("--no_progress", action="store_true", help="no progress bars")
+    t = p.add_argument_group("student training (stage 2)")
+    t.add_argument("--batch_size", type=int, help="global batch (default: per dataset)")
+    return p
+
+
+def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig) -> str:
+    if args.teacher:
+        if not os.path.exists(args.teacher) and not os.path.exists(args.teacher + ".index"):
+            raise UserError(f"teacher not found: {args.teacher}")
+        return args.teacher
+    candidates = [os.path.join(DEFAULT_TEACHER_DIRS[0], cfg.name),
+                  os.path.join(DEFAULT_TEACHER_DIRS[1], cfg.teacher_file),
+                  os.path.join(DEFAULT_TEACHER_DIRS[2], f"model_tf2_{cfg.name}.h5")]
+    for c in candidates:
+        if os.path.exists(c) or os.path.exists(c + ".index"):
+            return c
+    raise UserError(f"no teacher weights for {cfg.name}: pass --teacher, or put them at one of "
+                    f"{', '.join(candidates)} (official DDPM checkpoints: "
+                    f"https://github.com/hojonathanho/diffusion; DDIM CelebA: "
+                    f"https://github.com/ermongroup/ddim)")
+
+
+def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str:
+    """Make sure the pair set is complete (generating what is missing); returns its folder."""
+    from data.pairs import generate_pairs, make_teacher_fn, settings_for
+    from data.shards import open_pair_set, read_manifest
+    from models.weights import load_unet
+    from utils.images import make_grid, save_png, to_uint8
+    from utils.strategy import worker_info
+
+    folder = args.datadir or os.path.join("./datasets", cfg.name)
+    shape = (cfg.network.resolution, cfg.network.resolution, cfg.network.in_ch)
+    manifest = read_manifest(folder) if os.path.isdir(folder) else None
+    if args.no_generate or (manifest is None and os.path.isdir(folder)
+                            and any(f.startswith("y_train_") for f in os.listdir(folder))):
+        open_pair_set(folder, shape)  # ours complete, or the original's layout: use as is
+        return folder
+    teacher_path = resolve_teacher(args, cfg)
+    with strategy.scope():
+        teacher, weights = load_unet(teacher_path, cfg, ema=not args.raw_teacher)
+    print(f"teacher: {weights.describe()}")
+    settings = settings_for(cfg, seed=args.seed, n_examples=args.n_examples,
+                            shard_size=args.shard_size, n_test=args.n_test, compact=args.compact,
+                            fewer=args.use_fewer_lsun_examples, teacher_sha256=weights.sha256)
+    gen_batch = args.gen_batch_size or 2 * (args.batch_size or cfg.train.batch_size)
+    preview_path = os.path.join(folder, "preview.png")
+
+    def preview(images):
+        if not os.path.exists(preview_path):
+            save_png(preview_path, make_grid(to_uint8(images[:64])))
+    generate_pairs(folder, settings, make_teacher_fn(teacher, cfg, strategy, args.xla), gen_batch,
+                   worker=worker_info(), progress=not args.no_progress, preview=preview)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = get_config(args.dataset)
+    from data.shards import PairSetError
+    from utils.strategy import make_strategy
+
+    for name in ("n_examples", "shard_size", "gen_batch_size", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive")
+    strategy = make_strategy(args.tpu, args.devices, args.cpu_replicas)
+    try:
+        folder = stage_pairs(args, cfg, strategy)
+    except PairSetError as e:
+        raise UserError(str(e)) from None
+    print(f"pairs: complete in {folder}")
+    if args.generate_only:
+        return 0
+    raise UserError("stage 2 (student training) is not implemented yet; use --generate_only")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,385 @@
+"""Frechet Inception Distance (FID) with the standard TTUR Inception network.
+
+The numbers are meant to be comparable with the official TTUR code (bioinf-jku/TTUR, fid.py) and
+therefore with the FIDs reported by DDPM/DDIM: the features are the 2048-d `pool_3` activations of
+the 2015-12-05 Inception graph `classify_image_graph_def.pb`, fed float images in [0, 255] at the
+graph's `ExpandDims:0` tensor, so that the graph's own ResizeBilinear (to 299x299) and its
+(x - 128) / 128 scaling are used unchanged. Nothing here downloads anything.
+
+Typical use (what `eval.py fid` needs):
+
+    net = load_inception("classify_image_graph_def.pb")
+    mu_r, s_r = load_statistics("cifar10_train.npz")              # or:
+    mu_r, s_r = compute_statistics(reference_images("cifar10", "train", None), net, 100)
+    mu_g, s_g = compute_statistics(generated_uint8_batches, net, 100, total=50_000)
+    fid = frechet_distance(mu_g, s_g, mu_r, s_r)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+INCEPTION_URL = "http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz"
+INCEPTION_FILE = "classify_image_graph_def.pb"
+INPUT_TENSOR = "ExpandDims:0"  # float32 [1, H, W, 3] in [0, 255] in the graph; we make it [N, ...]
+OUTPUT_TENSOR = "pool_3:0"  # [1, 1, 1, 2048] in the graph; we make it [N, 1, 1, 2048]
+FEATURE_DIM = 2048
+
+_GET_INCEPTION = (f"get {INCEPTION_FILE} (the TTUR FID network) from {INCEPTION_URL} "
+                  f"(extract it from the .tgz) and pass its path")
+
+# Our dataset names -> tensorflow-datasets names.
+TFDS_NAMES = {"cifar10": "cifar10", "celeba": "celeb_a"}
+# DDIM's CelebA crop (ermongroup/ddim, datasets/__init__.py: cx=89, cy=121, a 128x128 box,
+# torchvision F.crop(img, top=cy-64, left=cx-64, 128, 128)), then Resize(64).
+CELEBA_SHAPE = (218, 178)
+CELEBA_TOP, CELEBA_LEFT, CELEBA_CROP = 57, 25, 128
+CELEBA_SIZE = 64
+
+
+class FIDError(ValueError):
+    """Something FID needs is missing or unusable (Inception file, dataset, statistics file)."""
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message: TF errors can be pages long."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# -- the distance ---------------------------------------------------------------------------------
+
+def _sym_sqrt_psd(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (eigenvalues below 0 from rounding -> 0)."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) between two Gaussians, in float64.
+
+    Tr sqrt(S1 S2) is computed without scipy.linalg.sqrtm: S1 S2 is similar to the symmetric PSD
+    matrix A = sqrt(S1) S2 sqrt(S1) (same eigenvalues, all >= 0), and the principal square root's
+    trace is the sum of the square roots of those eigenvalues. Only `eigh`/`eigvalsh` of symmetric
+    matrices are used, so singular covariances (fewer samples than dimensions) need no epsilon
+    and give no complex parts; tiny negative eigenvalues from rounding are clipped to 0.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"frechet_distance: shapes do not match: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {s1.shape} vs {s2.shape}")
+    for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", s1), ("sigma2", s2)):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"frechet_distance: {name} has NaN or infinite entries")
+    # Covariances are symmetric in exact arithmetic; enforce it so eigh sees what we mean.
+    s1, s2 = 0.5 * (s1 + s1.T), 0.5 * (s2 + s2.T)
+    r1 = _sym_sqrt_psd(s1)
+    a = r1 @ s2 @ r1
+    eig = np.linalg.eigvalsh(0.5 * (a + a.T))
+    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    diff = mu1 - mu2
+    fid = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    # The true value is >= 0; identical statistics can round to -1e-13.
+    return max(fid, 0.0)
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (rows are samples, ddof=1 like np.cov) of [N, D] features, float64."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"feature_statistics needs [N>=2, D] features, got shape {x.shape}")
+    mu = x.mean(axis=0)
+    xc = x - mu
+    return mu, (xc.T @ xc) / (x.shape[0] - 1)
+
+
+class RunningStatistics:
+    """Streaming mean/covariance of feature batches in float64 without keeping the features.
+
+    Sums are taken around a shift (the first batch's mean) so that E[xx^T] - mu mu^T does not lose
+    digits to cancellation when the features have a large mean relative to their spread.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._shift: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._outer: np.ndarray | None = None
+
+    def update(self, features: np.ndarray) -> None:
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"features must be [N, D], got shape {x.shape}")
+        if x.shape[0] == 0:
+            return
+        if self._shift is None:
+            d = x.shape[1]
+            self._shift = x.mean(axis=0)
+            self._sum, self._outer = np.zeros(d), np.zeros((d, d))
+        elif x.shape[1] != self._shift.shape[0]:
+            raise ValueError(f"feature size changed from {self._shift.shape[0]} to {x.shape[1]}")
+        xc = x - self._shift
+        self._sum += xc.sum(axis=0)
+        self._outer += xc.T @ xc
+        self.n += x.shape[0]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) so far; needs at least 2 samples."""
+        if self.n < 2:
+            raise ValueError(f"statistics need at least 2 samples, got {self.n}")
+        m = self._sum / self.n
+        sigma = (self._outer - self.n * np.outer(m, m)) / (self.n - 1)
+        return self._shift + m, 0.5 * (sigma + sigma.T)
+
+
+def compute_statistics(images_iter: Iterable[np.ndarray],
+                       feature_fn: Callable[[np.ndarray], np.ndarray],
+                       batch_size: int, total: int | None = None, progress: bool = True,
+                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of feature_fn over uint8 [N, H, W, 3] image batches, streamed in float64.
+
+    Each array from `images_iter` is fed in slices of at most `batch_size` images (arrays are not
+    merged across the iterator, so a producer of small batches gives small feature batches).
+    `total` is the expected number of images, for the progress bar only; `limit` stops after that
+    many images (the last slice is cut), e.g. to use 10k of the 50k CIFAR-10 training images.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stats = RunningStatistics()
+    bar_total = limit if limit is not None and (total is None or limit < total) else total
+    with tqdm(total=bar_total, unit="img", desc="FID features", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for images in images_iter:
+            images = np.asarray(images)
+            # uint8 only: a float batch could be in [0, 1] or [-1, 1] and silently give a bad FID.
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} "
+                                 f"{images.shape}")
+            for start in range(0, images.shape[0], batch_size):
+                chunk = images[start:start + batch_size]
+                if limit is not None:
+                    chunk = chunk[:limit - stats.n]
+                if chunk.shape[0] == 0:
+                    break
+                feats = np.asarray(feature_fn(chunk))
+                if feats.ndim != 2 or feats.shape[0] != chunk.shape[0]:
+                    raise ValueError(f"feature_fn returned shape {feats.shape} for "
+                                     f"{chunk.shape[0]} images; expected [N, D]")
+                stats.update(feats)
+                bar.update(chunk.shape[0])
+            if limit is not None and stats.n >= limit:
+                break
+    return stats.result()
+
+
+def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Write mu and sigma to the .npz file `path` (TTUR's keys), atomically.
+
+    A temporary file in the same directory is renamed over `path`, so an interrupted run never
+    leaves a truncated statistics file that a later run would trust. The name is used as given
+    (no '.npz' is appended).
+    """
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".fid_stats_", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma)  # a file object, so np.savez adds no suffix
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) as float64 from an .npz with keys 'mu' and 'sigma' (ours or TTUR's)."""
+    if not os.path.isfile(path):
+        raise FIDError(f"statistics file {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("mu", "sigma") if k not in data.files]
+            if missing:
+                raise FIDError(f"statistics file {path} lacks key(s) {', '.join(missing)} "
+                               f"(has: {', '.join(data.files) or 'nothing'})")
+            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    except FIDError:
+        raise
+    except Exception as e:  # not a zip/npy file, or an object array that would need pickle
+        raise FIDError(f"cannot read statistics file {path}: {_one_line(e)}") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise FIDError(f"statistics file {path} has mu {mu.shape} and sigma {sigma.shape}; "
+                       f"expected [D] and [D, D]")
+    return mu, sigma
+
+
+# -- the Inception network ------------------------------------------------------------------------
+
+class InceptionFeatures:
+    """The TTUR Inception graph as a callable: uint8 [N, H, W, 3] -> float32 [N, 2048] pool_3.
+
+    Why a TF1 Session and not `tf.compat.v1.wrap_function`: the 2015 graph computes its batch
+    norms with `BatchNormWithGlobalNormalization`, an op removed at GraphDef version 9. The file
+    is older than that, so importing it into a `tf.Graph` keeps its old producer version and the
+    op still runs (this is what TTUR does). A wrap_function/tf.function body is instantiated at the
+    current GraphDef version instead and fails with "not available in GraphDef version ...".
+
+    The input tensor `ExpandDims:0` (float32 [1, H, W, 3], fed with values 0..255) is remapped
+    (input_map) to a [None, None, None, 3] placeholder. In the file that tensor comes from
+    DecodeJpeg -> Cast -> ExpandDims, so its static batch is 1; TTUR patches every tensor's static
+    shape from [1, ...] to [None, ...] for the same reason, remapping the input re-derives them.
+    Session.run only executes what `pool_3:0` needs, so the JPEG placeholder and the batch-1
+    `pool_3/_reshape` -> softmax head never run. Any H and W work: the graph's own ResizeBilinear
+    (legacy TF bilinear, no antialias) brings images to 299x299 exactly as in TTUR.
+    """
+
+    def __init__(self, path: str, input_name: str = INPUT_TENSOR,
+                 output_name: str = OUTPUT_TENSOR) -> None:
+        self.path = path
+        graph_def = _read_graph_def(path, (input_name, output_name))
+        # `_output_shapes` annotations (written by as_graph_def(add_shapes=True)) would make the
+        # importer pin the old batch-1 shapes again over our dynamic input.
+        for node in graph_def.node:
+            if "_output_shapes" in node.attr:
+                del node.attr["_output_shapes"]
+        self._graph = tf.Graph()
+        try:
+            with self._graph.as_default():
+                self._input = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3],
+                                                       name="fid_images")
+                (self._output,) = tf.graph_util.import_graph_def(
+                    graph_def, input_map={input_name: self._input},
+                    return_elements=[output_name], name="inception")
+            self._graph.finalize()
+            self._session = tf.compat.v1.Session(graph=self._graph)
+            # One tiny run now, so a graph that imports but cannot execute fails here, clearly.
+            probe = self._session.run(self._output,
+                                      {self._input: np.zeros((1, 8, 8, 3), np.float32)})
+        except Exception as e:  # wrong input dtype, unknown ops, non-executable graph, ...
+            raise FIDError(f"{path} could not be used as the FID Inception graph "
+                           f"({_one_line(e)}); {_GET_INCEPTION}") from None
+        shape = self._output.shape
+        if probe.ndim < 2 or any(s != 1 for s in probe.shape[1:-1]):
+            self.close()
+            raise FIDError(f"{path}: {output_name} has shape {probe.shape[1:]} per image, "
+                           f"expected [1, 1, D]; {_GET_INCEPTION}")
+        self.output_shape = shape  # static [None, 1, 1, D]: the batch is dynamic
+        self.dim: int = int(probe.shape[-1])
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """pool_3 features (float32 [N, D]) of uint8 images [N, H, W, 3] (values 0..255)."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"Inception input must be uint8 [N, H, W, 3], got {images.dtype} "
+                             f"{images.shape}")
+        # The graph expects floats in [0, 255] (it subtracts 128 and divides by 128 itself).
+        out = self._session.run(self._output, {self._input: images.astype(np.float32)})
+        return out.reshape(images.shape[0], -1)  # squeeze the 1x1 spatial dims
+
+    def close(self) -> None:
+        """Release the session (also done on garbage collection)."""
+        session = getattr(self, "_session", None)
+        if session is not None:
+            session.close()
+            self._session = None
+
+    def __enter__(self) -> "InceptionFeatures":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_graph_def(path: str, names: tuple[str, ...]) -> tf.compat.v1.GraphDef:
+    """Parse a frozen GraphDef and check that it has the op names in `names` ('op:0' allowed)."""
+    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+        raise FIDError(f"Inception graph {path} not found; {_GET_INCEPTION}")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(data)
+    except Exception:  # google.protobuf.message.DecodeError, kept out of our imports
+        raise FIDError(f"{path} is not a TensorFlow GraphDef; {_GET_INCEPTION}") from None
+    ops = {node.name for node in graph_def.node}
+    missing = [n for n in names if n.split(":")[0] not in ops]
+    if missing:
+        raise FIDError(f"{path} is not the FID Inception graph (no {', '.join(missing)} "
+                       f"tensor); {_GET_INCEPTION}")
+    return graph_def
+
+
+def load_inception(path: str) -> InceptionFeatures:
+    """The TTUR Inception feature function of classify_image_graph_def.pb (FIDError if unusable)."""
+    return InceptionFeatures(path)
+
+
+# -- reference images -----------------------------------------------------------------------------
+
+def ddim_celeba_crop(img: np.ndarray) -> np.ndarray:
+    """DDIM's 128x128 face crop of an aligned 218x178 CelebA image: rows 57:185, cols 25:153."""
+    if img.shape[:2] != CELEBA_SHAPE:
+        raise ValueError(f"CelebA images must be {CELEBA_SHAPE[0]}x{CELEBA_SHAPE[1]}, "
+                         f"got {img.shape}")
+    return img[CELEBA_TOP:CELEBA_TOP + CELEBA_CROP, CELEBA_LEFT:CELEBA_LEFT + CELEBA_CROP]
+
+
+def ddim_celeba_resize(img: np.ndarray, size: int = CELEBA_SIZE) -> np.ndarray:
+    """Resize a uint8 HxWx3 crop to size x size like torchvision's Resize on a PIL image.
+
+    torchvision.transforms.Resize on a PIL image calls PIL's resize with BILINEAR, which
+    antialiases when shrinking (the triangle filter is widened by the scale factor: 128 -> 64
+    averages 4 source pixels per axis with weights 1,3,3,1), unlike tf.image.resize's bilinear.
+    PIL itself is used here so the uint8 rounding matches DDIM's pipeline too.
+    """
+    from PIL import Image
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
+        (size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def reference_images(dataset: str, split: str = "train", data_dir: str | None = None,
+                     batch_size: int = 250) -> Iterator[np.ndarray]:
+    """Yield uint8 [N, H, W, 3] batches of real images of `dataset` from tensorflow-datasets.
+
+    cifar10: the images as stored (32x32; use split 'train' for the usual 50k reference).
+    celeba: tfds 'celeb_a' aligned 218x178 images, DDIM's crop then PIL bilinear resize to 64x64.
+    Never downloads: the dataset must already be prepared in `data_dir` (tfds's own retries hang
+    for minutes offline), otherwise FIDError says how to prepare it or to use a stats file.
+    """
+    import tensorflow_datasets as tfds  # heavy; only needed here
+
+    if dataset not in TFDS_NAMES:
+        raise FIDError(f"no reference images for dataset {dataset!r} (known: "
+                       f"{', '.join(TFDS_NAMES)}); pass --ref_stats file.npz")
+    name = TFDS_NAMES[dataset]
+    builder = tfds.builder(name, data_dir=data_dir)
+    where = data_dir or "the default tensorflow-datasets directory"
+    try:
+        # as_dataset only checks the local directory; it does not download.
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+    except AssertionError:
+        raise FIDError(f"{name} is not prepared in {where}; run `tfds build {name}"
+                       f"{' --data_dir ' + data_dir if data_dir else ''}` or pass "
+                       f"--ref_stats file.npz") from None
+    except (ValueError, KeyError) as e:  # e.g. an unknown split name
+        raise FIDError(f"cannot read {name} split {split!r} from {where}: "
+                       f"{_one_line(e)}") from None
+    ds = ds.map(lambda ex: ex["image"], num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).prefetch(2)
+    for batch in ds.as_numpy_iterator():
+        if dataset == "celeba":
+            batch = np.stack([ddim_celeba_resize(ddim_celeba_crop(img)) for img in batch])
+        yield batch.astype(np.uint8, copy=False)

@@ -1,0 +1,52 @@
+"""Turning model outputs into images on disk: uint8 conversion, grids, atomic PNG writes."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from models.atomic import atomic_write
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8, clipped and rounded (the original truncated)."""
+    return np.rint((np.clip(np.asarray(x, np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def grid_side(n: int) -> int:
+    return math.ceil(math.sqrt(n))
+
+
+def make_grid(images: np.ndarray, gutter: int = 1, side: int | None = None) -> np.ndarray:
+    """Tile N uint8 images [N, H, W, C] row by row into a side x side grid (side = ceil(sqrt(N)))
+    with `gutter` white pixels between tiles; empty cells stay white."""
+    n, h, w, c = images.shape
+    side = side or grid_side(n)
+    rows = math.ceil(n / side)
+    out = np.full((rows * h + (rows - 1) * gutter, side * w + (side - 1) * gutter, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, side)
+        out[r * (h + gutter):r * (h + gutter) + h, col * (w + gutter):col * (w + gutter) + w] = images[i]
+    return out
+
+
+def tile_position(i: int, side: int, h: int, w: int, gutter: int = 1) -> tuple[int, int]:
+    """Top-left pixel of tile i in a grid made by make_grid."""
+    r, c = divmod(i, side)
+    return r * (h + gutter), c * (w + gutter)
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """Write a lossless PNG atomically."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    with atomic_write(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
+
+
+def load_png(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        a = np.asarray(im)
+    return a[..., None] if a.ndim == 2 else a
