@@ -57,8 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the teacher loop and the training step with XLA")
     d.add_argument("--no_progress", action="store_true", help="no progress bars")
-    t = p.add_argument_group("student training (stage 2)")
-    t.add_argument("--batch_size", type=int, help="global batch (default: per dataset)")
+    t = p.add_argument_group("student training (stage 2; defaults: the paper's, per dataset)")
+    t.add_argument("--batch_size", type=int, help="global batch per optimizer update")
+    t.add_argument("--grad_accum", type=int, default=1,
+                   help="accumulate K micro-batches of batch_size/K per update (same update as "
+                        "one step at the full batch, in 1/K of the memory)")
+    t.add_argument("--epochs", type=float, help="epochs over the training pairs")
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--warmup_steps", type=int, help="linear warmup steps")
+    t.add_argument("--beta_1", type=float, help="Adam beta_1")
+    t.add_argument("--beta_2", type=float, help="Adam beta_2")
+    t.add_argument("--adam_epsilon", type=float, help="Adam epsilon")
+    t.add_argument("--ema_decay", type=float, help="EMA decay of the weights")
+    t.add_argument("--loss", choices=["l1", "l2"], help="l1 (cifar10) or l2 (others)")
+    t.add_argument("--ckpt_every", type=int, default=2000,
+                   help="steps between checkpoints (also at each epoch end)")
+    t.add_argument("--n_eval", type=int, default=None,
+                   help="held-out pairs scored at each checkpoint (default: all)")
+    t.add_argument("--bf16", action="store_true",
+                   help="bfloat16 compute (mixed precision; the paper used float32)")
     return p
 
 
@@ -112,6 +129,40 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str:
     return folder
 
 
+def check_savedir(savedir: str) -> None:
+    if os.path.exists(savedir) and not os.path.isdir(savedir):
+        raise UserError(f"SAVEDIR {savedir} is a file, not a directory")
+    try:
+        os.makedirs(savedir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create SAVEDIR {savedir}: {e.strerror}") from None
+    if not os.access(savedir, os.W_OK):
+        raise UserError(f"SAVEDIR {savedir} is not writable")
+
+
+def student_settings(args: argparse.Namespace, cfg: DatasetConfig) -> dict:
+    """The paper's per-dataset values, overridden by flags; written to SAVEDIR/config.json."""
+    tr = cfg.train
+    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+    return {"dataset": cfg.name, "batch_size": pick(args.batch_size, tr.batch_size),
+            "grad_accum": args.grad_accum, "epochs": pick(args.epochs, tr.epochs),
+            "lr": pick(args.lr, tr.lr), "warmup_steps": pick(args.warmup_steps, tr.warmup_steps),
+            "beta_1": pick(args.beta_1, tr.beta_1), "beta_2": pick(args.beta_2, tr.beta_2),
+            "epsilon": pick(args.adam_epsilon, tr.epsilon),
+            "ema_decay": pick(args.ema_decay, tr.ema_decay), "loss": pick(args.loss, tr.loss),
+            "seed": args.seed, "student_t": tr.student_t, "bf16": args.bf16, "xla": args.xla,
+            "ckpt_every": args.ckpt_every, "n_eval": args.n_eval}
+
+
+def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder: str) -> None:
+    from utils.distill import train_student
+    check_savedir(args.savedir)
+    settings = student_settings(args, cfg)
+    teacher_path = resolve_teacher(args, cfg)
+    train_student(cfg, settings, strategy, folder, teacher_path, args.savedir,
+                  raw_teacher=args.raw_teacher, progress=not args.no_progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = get_config(args.dataset)
@@ -129,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pairs: complete in {folder}")
     if args.generate_only:
         return 0
-    raise UserError("stage 2 (student training) is not implemented yet; use --generate_only")
+    try:
+        stage_student(args, cfg, strategy, folder)
+    except PairSetError as e:
+        raise UserError(str(e)) from None
+    return 0
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def generate_pairs(folder: str, s: PairSettings, teacher_fn: Callable[[np.ndarra
     if need > free:
         raise PairSetError(f"not enough disk space in {folder}: the pairs need {need:,} bytes, "
                            f"{free:,} are free")
-    bar = tqdm(total=sum(sh.count for sh in todo), unit="pair", disable=not progress,
+    bar = tqdm(total=sum(sh.count for sh in todo), unit="pair", disable=not progress or not todo,
                desc=f"pairs ({s.dataset})", smoothing=0.1)
     for sh in todo:
         x, y = _generate_shard(sh, s, teacher_fn, gen_batch, bar, preview)

@@ -99,3 +99,11 @@ def ddim_sample(eps_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], x_T: tf.Ten
 def student_sample(model: Callable, z: tf.Tensor, t: int = STUDENT_T) -> tf.Tensor:
     """The student's one-step map x0 = z - f(z, t=999) (linear output; clip only when saving)."""
     return z - tf.cast(model(z, tf.fill([tf.shape(z)[0]], t), training=False), z.dtype)
+
+
+def student_loss(model: Callable, z: tf.Tensor, y: tf.Tensor, kind: str) -> tf.Tensor:
+    """Per-example distillation loss: the sum over pixels and channels of |y - x0| ("l1") or
+    (y - x0)^2 ("l2"), x0 the student's one-step output. The trainer divides by the global batch."""
+    diff = y - student_sample(model, z)
+    per_pixel = tf.abs(diff) if kind == "l1" else tf.square(diff)
+    return tf.reduce_sum(per_pixel, axis=[1, 2, 3])

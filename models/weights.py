@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -297,22 +299,29 @@ def variables_checkpoint(model: UNet) -> tf.train.Checkpoint:
     return tf.train.Checkpoint(**official_variables(model))
 
 
-def save_converted(model: UNet, out_dir: str, meta: dict) -> str:
-    """Write `model` and its provenance to out_dir (created; an existing conversion is not replaced).
+def save_converted(model: UNet, out_dir: str, meta: dict, replace: bool = False) -> str:
+    """Write `model` and its provenance to out_dir in our format (checkpoint + weights.json).
 
-    The checkpoint files are written under a temporary prefix and renamed; weights.json goes last,
-    so a directory with weights.json is always complete.
+    Everything is written to a temporary sibling folder first and renamed into place, so out_dir is
+    always complete. An existing out_dir is an error unless `replace` (then it is swapped out).
     """
-    if os.path.exists(os.path.join(out_dir, META_FILE)):
-        raise WeightsError(f"{out_dir} already holds converted weights; choose another directory")
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_prefix = os.path.join(out_dir, f".tmp-{os.getpid()}-{CKPT_PREFIX}")
-    written = variables_checkpoint(model).write(tmp_prefix)
-    for src in sorted(tf.io.gfile.glob(written + ".*")):
-        os.replace(src, os.path.join(out_dir, CKPT_PREFIX + src[len(written):]))
-    meta = {"format_version": FORMAT_VERSION, "gn_eps": model.cfg.gn_eps,
-            "network": asdict(model.cfg), **meta}
-    write_json(os.path.join(out_dir, META_FILE), meta)
+    if os.path.exists(out_dir) and not replace and os.listdir(out_dir):
+        raise WeightsError(f"{out_dir} already holds files; choose another directory")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
+    variables_checkpoint(model).write(os.path.join(tmp, CKPT_PREFIX))
+    write_json(os.path.join(tmp, META_FILE), {"format_version": FORMAT_VERSION,
+                                              "gn_eps": model.cfg.gn_eps,
+                                              "network": asdict(model.cfg), **meta})
+    os.chmod(tmp, 0o755)
+    if os.path.exists(out_dir):
+        old = tmp + ".old"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)
     return out_dir
 
 

@@ -252,7 +252,9 @@ def test_inception_loader_errors(tmp_path):
 def test_reference_images_cifar10_mock(tmp_path):
     import tensorflow_datasets as tfds
     with tfds.testing.mock_data(num_examples=7):
-        batches = list(fid.reference_images("cifar10", "train", str(tmp_path), batch_size=3))
+        ref = fid.reference_images("cifar10", "train", str(tmp_path), batch_size=3)
+        batches = list(ref)
+        assert [b.shape for b in ref] == [b.shape for b in batches]  # re-iterable
     assert [b.shape for b in batches] == [(3, 32, 32, 3), (3, 32, 32, 3), (1, 32, 32, 3)]
     assert all(b.dtype == np.uint8 for b in batches)
 
@@ -267,10 +269,10 @@ def test_reference_images_celeba_mock(tmp_path):
 
 def test_reference_images_not_prepared_or_unknown(tmp_path):
     with pytest.raises(FIDError, match="not prepared") as e:
-        next(fid.reference_images("cifar10", "train", str(tmp_path)))
+        fid.reference_images("cifar10", "train", str(tmp_path))  # fails on the call, not later
     assert "--ref_stats" in str(e.value) and str(tmp_path) in str(e.value)
     with pytest.raises(FIDError, match="--ref_stats"):
-        next(fid.reference_images("lsun_bedroom", "train", str(tmp_path)))
+        fid.reference_images("lsun_bedroom", "train", str(tmp_path))
 
 
 def test_ddim_celeba_crop_picks_the_right_pixels():

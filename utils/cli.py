@@ -33,9 +33,11 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     """Call main; turn UserError (and unknown-dataset errors) into `error: ...` and exit 2."""
     from models.configs import UnknownDatasetError
     from models.weights import WeightsError
+    from data.shards import PairSetError
+    from utils.fid import FIDError
     try:
         code = main(argv)
-    except (UserError, UnknownDatasetError, WeightsError) as e:
+    except (UserError, UnknownDatasetError, WeightsError, PairSetError, FIDError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

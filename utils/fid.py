@@ -350,14 +350,30 @@ def ddim_celeba_resize(img: np.ndarray, size: int = CELEBA_SIZE) -> np.ndarray:
         (size, size), Image.BILINEAR), dtype=np.uint8)
 
 
+class ReferenceImages:
+    """Re-iterable uint8 [N, H, W, 3] batches of a prepared tfds split (see reference_images)."""
+
+    def __init__(self, dataset: str, ds: tf.data.Dataset, num_examples: int | None) -> None:
+        self.dataset = dataset
+        self.num_examples = num_examples  # for progress bars; None if tfds does not know it
+        self._ds = ds
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for batch in self._ds.as_numpy_iterator():
+            if self.dataset == "celeba":
+                batch = np.stack([ddim_celeba_resize(ddim_celeba_crop(img)) for img in batch])
+            yield batch.astype(np.uint8, copy=False)
+
+
 def reference_images(dataset: str, split: str = "train", data_dir: str | None = None,
-                     batch_size: int = 250) -> Iterator[np.ndarray]:
-    """Yield uint8 [N, H, W, 3] batches of real images of `dataset` from tensorflow-datasets.
+                     batch_size: int = 250) -> ReferenceImages:
+    """Batches (uint8 [N, H, W, 3]) of real images of `dataset` from tensorflow-datasets.
 
     cifar10: the images as stored (32x32; use split 'train' for the usual 50k reference).
     celeba: tfds 'celeb_a' aligned 218x178 images, DDIM's crop then PIL bilinear resize to 64x64.
     Never downloads: the dataset must already be prepared in `data_dir` (tfds's own retries hang
     for minutes offline), otherwise FIDError says how to prepare it or to use a stats file.
+    The checks run on this call, before any Inception work, not on the first batch.
     """
     import tensorflow_datasets as tfds  # heavy; only needed here
 
@@ -368,7 +384,7 @@ def reference_images(dataset: str, split: str = "train", data_dir: str | None = 
     builder = tfds.builder(name, data_dir=data_dir)
     where = data_dir or "the default tensorflow-datasets directory"
     try:
-        # as_dataset only checks the local directory; it does not download.
+        # as_dataset only looks at the local directory; download_and_prepare is never called.
         ds = builder.as_dataset(split=split, shuffle_files=False)
     except AssertionError:
         raise FIDError(f"{name} is not prepared in {where}; run `tfds build {name}"
@@ -377,9 +393,9 @@ def reference_images(dataset: str, split: str = "train", data_dir: str | None = 
     except (ValueError, KeyError) as e:  # e.g. an unknown split name
         raise FIDError(f"cannot read {name} split {split!r} from {where}: "
                        f"{_one_line(e)}") from None
+    try:
+        num_examples: int | None = int(builder.info.splits[split].num_examples) or None
+    except Exception:  # split arithmetic tfds cannot size, or mocked metadata
+        num_examples = None
     ds = ds.map(lambda ex: ex["image"], num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size).prefetch(2)
-    for batch in ds.as_numpy_iterator():
-        if dataset == "celeba":
-            batch = np.stack([ddim_celeba_resize(ddim_celeba_crop(img)) for img in batch])
-        yield batch.astype(np.uint8, copy=False)
+    return ReferenceImages(dataset, ds.batch(batch_size).prefetch(2), num_examples)

@@ -1,0 +1,146 @@
+"""Stage 2: the student loop. The teacher's U-Net, initialised from its weights and called at
+t = 999, regresses onto the stored pairs; the EMA weights are scored on the held-out pairs at each
+checkpoint and the best are exported for evaluation (as the original did).
+
+    SAVEDIR/checkpoints/   training state (model, EMA, Adam, position, best loss): resume from here
+    SAVEDIR/best/          EMA weights with the lowest held-out loss: what eval.py loads
+    SAVEDIR/last/          EMA weights at the last checkpoint
+    SAVEDIR/samples/       a grid of EMA samples at each checkpoint
+    SAVEDIR/logs/          TensorBoard events and scalars.jsonl
+    SAVEDIR/config.json    the resolved settings
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from data.shards import batches, dequantise_targets, heldout_batches, open_pair_set, steps_per_epoch
+from models.configs import DatasetConfig
+from models.diffusion import student_loss, student_sample
+from models.unet import UNet
+from models.weights import load_unet, save_converted
+from utils.images import make_grid, save_png, to_uint8
+from utils.strategy import worker_info
+from utils.train_loop import (Logger, OptimConfig, Throughput, Trainer, distributed_batches,
+                              progress_bar, save_run_config)
+
+MUST_MATCH_ON_RESUME = ("dataset", "batch_size", "grad_accum", "loss", "seed", "bf16")
+N_SAMPLES = 64
+
+
+def heldout_scorer(model: UNet, pairs, kind: str, limit: int | None, batch: int = 256):
+    """A function returning the mean per-image loss of `model` (as a student) on the held-out pairs."""
+    per_image = tf.function(lambda z, y: student_loss(model, z, dequantise_targets(y), kind),
+                            reduce_retracing=True)
+
+    def score() -> float:
+        total, n = 0.0, 0
+        for x, y in heldout_batches(pairs, batch, limit):
+            total += float(tf.reduce_sum(per_image(x, y)))
+            n += len(x)
+        return total / max(n, 1)
+    return score
+
+
+def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy, datadir: str,
+                  teacher_path: str, savedir: str, raw_teacher: bool = False,
+                  progress: bool = True) -> dict:
+    worker, n_workers = worker_info()
+    chief = worker == 0
+    shape = (cfg.network.resolution, cfg.network.resolution, cfg.network.in_ch)
+    pairs = open_pair_set(datadir, shape)
+    if chief:
+        save_run_config(savedir, {**s, "datadir": os.path.abspath(datadir),
+                                  "teacher": teacher_path}, MUST_MATCH_ON_RESUME)
+    teacher, weights = load_unet(teacher_path, cfg, ema=not raw_teacher)
+    net = teacher.cfg  # the teacher's network, GroupNorm epsilon included
+    global_batch, accum = s["batch_size"], s["grad_accum"]
+    replicas = strategy.num_replicas_in_sync
+    if global_batch % (replicas * accum):
+        raise ValueError(f"--batch_size {global_batch} is not divisible by {replicas} replicas "
+                         f"x {accum} accumulation steps")
+    opt = OptimConfig(s["lr"], s["warmup_steps"], s["beta_1"], s["beta_2"], s["epsilon"],
+                      s["ema_decay"], global_batch, accum)
+    trainer = Trainer(
+        strategy, lambda: UNet(net, compute_dtype="bfloat16" if s["bf16"] else "float32"), opt,
+        lambda model, x, y, step: student_loss(model, x, y, s["loss"]),
+        savedir if chief else os.path.join(tempfile.gettempdir(), f"worker{worker}-{os.getpid()}"),
+        xla=s["xla"])
+    resumed = trainer.restore()
+    if not resumed:
+        trainer.init_from(teacher)
+    del teacher
+    per_epoch = steps_per_epoch(pairs, global_batch)
+    if per_epoch == 0:
+        raise ValueError(f"{pairs.n_train} training pairs are fewer than one batch of {global_batch}")
+    total = int(math.ceil(s["epochs"] * per_epoch))
+    logger = Logger(savedir, enabled=chief)
+    noise = tf.random.stateless_normal([N_SAMPLES, *shape], seed=[s["seed"], 12345])
+    sample = tf.function(lambda z: student_sample(trainer.ema, z))
+    score_heldout = heldout_scorer(trainer.ema, pairs, s["loss"], s["n_eval"])
+    if chief:
+        print(f"student: {weights.describe()}; {pairs.n_train:,} pairs, {per_epoch} steps/epoch, "
+              f"{total} steps, {replicas} replica(s)" + (", resumed" if resumed else ""))
+
+    def checkpoint(step: int) -> None:
+        trainer.manager.save(checkpoint_number=step)
+        loss = score_heldout()
+        grid = make_grid(to_uint8(sample(noise).numpy()))
+        if not chief:
+            return
+        meta = {"dataset": cfg.name, "source": os.path.abspath(savedir), "step": step,
+                "ema": True, "heldout_loss": loss, "teacher": teacher_path,
+                "teacher_sha256": weights.sha256}
+        save_converted(trainer.ema, os.path.join(savedir, "last"), meta, replace=True)
+        if loss < float(trainer.best_heldout.numpy()):
+            trainer.best_heldout.assign(loss)
+            save_converted(trainer.ema, os.path.join(savedir, "best"), meta, replace=True)
+            trainer.manager.save(checkpoint_number=step)  # keep the best-loss record with the state
+        os.makedirs(os.path.join(savedir, "samples"), exist_ok=True)
+        save_png(os.path.join(savedir, "samples", f"step_{step:07d}.png"), grid)
+        logger.scalars(step, heldout_loss=loss, best_heldout_loss=float(trainer.best_heldout.numpy()))
+        logger.image(step, "ema_samples", grid)
+
+    if not resumed:
+        checkpoint(0)  # the teacher-initialised student's held-out loss: the baseline
+    step = trainer.step
+    bar = progress_bar(total, step, f"student ({cfg.name})", not (progress and chief))
+    speed, running = Throughput(), []
+    per_replica = global_batch // replicas
+    to_float = lambda x, y: (x, dequantise_targets(y))  # noqa: E731
+    while step < total:
+        epoch, start = int(trainer.epoch.numpy()), int(trainer.step_in_epoch.numpy())
+        data = distributed_batches(
+            strategy, lambda w, n: batches(pairs, global_batch, epoch, s["seed"], start, (w, n)),
+            shape, per_replica, to_float)
+        for batch in data:
+            loss = float(trainer.train_step(batch))
+            step += 1
+            trainer.step_in_epoch.assign_add(1)
+            running.append(loss)
+            speed.add(global_batch)
+            end_of_epoch = int(trainer.step_in_epoch.numpy()) == per_epoch
+            if end_of_epoch:
+                trainer.epoch.assign_add(1)
+                trainer.step_in_epoch.assign(0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+            if step % s["ckpt_every"] == 0 or end_of_epoch or step == total:
+                logger.scalars(step, train_loss=float(np.mean(running)), pairs_per_s=speed.read(),
+                               learning_rate=float(trainer.optimizer.learning_rate))
+                running = []
+                checkpoint(step)
+            if end_of_epoch or step == total:
+                break
+    bar.close()
+    if chief and os.path.isdir(os.path.join(savedir, "best")):
+        print(f"best held-out loss {float(trainer.best_heldout.numpy()):.6g}: "
+              f"{os.path.join(savedir, 'best')}")
+    if not chief:
+        shutil.rmtree(trainer.savedir, ignore_errors=True)
+    return {"steps": step, "best_heldout": float(trainer.best_heldout.numpy())}

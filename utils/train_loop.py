@@ -1,0 +1,218 @@
+"""The training skeleton shared by the student (distillation) and the teacher (DDPM) loops:
+Adam with linear warmup, an EMA of the weights, gradient accumulation, a compiled distributed step,
+checkpoints that resume exactly, TensorBoard and a progress bar.
+
+The caller supplies the per-example loss; everything else is here, written once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from models.atomic import write_json
+from models.unet import UNet, official_variables
+from models.weights import variables_checkpoint
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    warmup_steps: int
+    beta_1: float
+    beta_2: float
+    epsilon: float
+    ema_decay: float
+    global_batch: int  # examples per optimizer update (all replicas, all accumulation steps)
+    grad_accum: int = 1
+
+
+@keras.saving.register_keras_serializable("denoising_student")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """lr * min(1, (step + 1) / warmup): linear warmup, then constant (no decay), as the original."""
+
+    def __init__(self, lr: float, warmup_steps: int):
+        self.lr, self.warmup_steps = lr, warmup_steps
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32) + 1.0
+        return self.lr * tf.minimum(1.0, step / max(self.warmup_steps, 1))
+
+    def get_config(self):
+        return {"lr": self.lr, "warmup_steps": self.warmup_steps}
+
+
+LossFn = Callable[[UNet, tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
+"""(model, x, y, step) -> per-example losses [b]; summed and divided by the global batch here."""
+
+
+class Trainer:
+    """Model, EMA, optimizer and position, built inside the strategy's scope; one step at a time."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, make_model: Callable[[], UNet],
+                 opt: OptimConfig, loss_fn: LossFn, savedir: str, xla: bool = False,
+                 max_to_keep: int = 2):
+        self.strategy, self.opt_cfg, self.loss_fn = strategy, opt, loss_fn
+        replicas = strategy.num_replicas_in_sync
+        if opt.global_batch % (replicas * opt.grad_accum):
+            raise ValueError(f"global batch {opt.global_batch} is not divisible by "
+                             f"{replicas} replicas x {opt.grad_accum} accumulation steps")
+        with strategy.scope():
+            self.model, self.ema = make_model(), make_model()
+            self.variables = self.model.trainable_variables
+            self.optimizer = keras.optimizers.Adam(LinearWarmup(opt.lr, opt.warmup_steps),
+                                                   beta_1=opt.beta_1, beta_2=opt.beta_2,
+                                                   epsilon=opt.epsilon)
+            self.optimizer.build(self.variables)  # slots exist before restore and the first step
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.best_heldout = tf.Variable(math.inf, dtype=tf.float32, trainable=False)
+        self.checkpoint = tf.train.Checkpoint(
+            model=variables_checkpoint(self.model), ema=variables_checkpoint(self.ema),
+            optimizer=self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            best_heldout=self.best_heldout)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(savedir, "checkpoints"),
+                                                  max_to_keep=max_to_keep)
+        self.savedir = savedir
+        one_replica = len(strategy.extended.worker_devices) == 1
+        # XLA inside strategy.run fails with mirrored variables; compile where one replica runs.
+        self._replica_step = tf.function(self._replica_step_fn, jit_compile=xla and one_replica)
+
+    # -- state ------------------------------------------------------------------------------
+    def init_from(self, source: UNet) -> None:
+        """Student and EMA both start at the given weights (the teacher's)."""
+        src = official_variables(source)
+        for target in (self.model, self.ema):
+            for name, var in official_variables(target).items():
+                var.assign(src[name])
+
+    def restore(self) -> bool:
+        """Resume from the latest checkpoint, if any; True if one was restored."""
+        path = self.manager.latest_checkpoint
+        if not path:
+            return False
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        return True
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    # -- the step ---------------------------------------------------------------------------
+    def _replica_step_fn(self, x, y):
+        """One optimizer update from this replica's share of the global batch, in grad_accum
+        micro-batches whose gradients are summed (the loss is already divided by the global batch)."""
+        k = self.opt_cfg.grad_accum
+        xs, ys = tf.split(x, k), tf.split(y, k)
+        step = self.optimizer.iterations
+        grads = [tf.zeros_like(v) for v in self.variables]
+        total = tf.constant(0.0)
+        for i in range(k):  # k is small; unrolled keeps one micro-batch of activations at a time
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(self.loss_fn(self.model, xs[i], ys[i], step)) / self.opt_cfg.global_batch
+            g = tape.gradient(loss, self.variables)
+            grads = [a + b for a, b in zip(grads, g)]
+            total += loss
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+        return total
+
+    @tf.function
+    def _distributed_step(self, batch):
+        losses = self.strategy.run(self._replica_step, args=batch)
+        d = self.opt_cfg.ema_decay
+        for e, w in zip(official_variables(self.ema).values(), official_variables(self.model).values()):
+            e.assign(d * e + (1.0 - d) * w)  # cross-replica: the same value on every replica
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+    def train_step(self, batch) -> tf.Tensor:
+        return self._distributed_step(batch)
+
+
+def distributed_batches(strategy: tf.distribute.Strategy, make_batches: Callable[[int, int], Iterator],
+                        image_shape: tuple[int, int, int], per_replica: int,
+                        transform: Callable | None = None):
+    """A distributed dataset over Python-made batches. make_batches(worker, n_workers) yields this
+    worker's part of each global batch as (x, y) numpy arrays; it is split among the local replicas."""
+    def dataset_fn(ctx: tf.distribute.InputContext):
+        def gen():
+            local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+            for x, y in make_batches(ctx.input_pipeline_id, ctx.num_input_pipelines):
+                for r in range(local):  # consecutive elements go to consecutive local replicas
+                    yield x[r * per_replica:(r + 1) * per_replica], y[r * per_replica:(r + 1) * per_replica]
+        sig = (tf.TensorSpec((per_replica, *image_shape), tf.float32),
+               tf.TensorSpec((per_replica, *image_shape), tf.uint8))
+        ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+        if transform is not None:
+            ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(2)
+    options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+    return strategy.distribute_datasets_from_function(dataset_fn, options)
+
+
+class Logger:
+    """TensorBoard scalars and images (chief only) plus a JSON-lines log of the same scalars."""
+
+    def __init__(self, savedir: str, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            self.writer = tf.summary.create_file_writer(os.path.join(savedir, "logs"))
+            self.jsonl = os.path.join(savedir, "logs", "scalars.jsonl")
+
+    def scalars(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        with self.writer.as_default():
+            for k, v in values.items():
+                tf.summary.scalar(k, v, step=step)
+        self.writer.flush()
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self.enabled:
+            with self.writer.as_default():
+                tf.summary.image(name, image[None], step=step)
+
+
+class Throughput:
+    """Pairs per second over the steps since the last reading."""
+
+    def __init__(self):
+        self.t, self.n = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        rate = self.n / max(now - self.t, 1e-9)
+        self.t, self.n = now, 0
+        return rate
+
+
+def save_run_config(savedir: str, config: dict, must_match: tuple[str, ...]) -> None:
+    """Write the resolved settings; a resumed run must agree on those in `must_match`."""
+    path = os.path.join(savedir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [k for k in must_match if old.get(k) != config.get(k)]
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} before, {config.get(k)!r} now" for k in diff)
+            raise ValueError(f"{savedir} holds a run with other settings ({shown}); "
+                             f"use another SAVEDIR to start afresh")
+    write_json(path, config)
+
+
+def progress_bar(total: int, initial: int, desc: str, disable: bool) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable,
+                dynamic_ncols=True, smoothing=0.05)
+
