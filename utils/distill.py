@@ -24,6 +24,7 @@ from models.configs import DatasetConfig
 from models.diffusion import student_loss, student_sample
 from models.unet import UNet
 from models.weights import load_unet, save_converted
+from utils.cli import UserError
 from utils.images import make_grid, save_png, to_uint8
 from utils.strategy import worker_info
 from utils.train_loop import (Logger, OptimConfig, Throughput, Trainer, distributed_batches,
@@ -62,7 +63,7 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
     global_batch, accum = s["batch_size"], s["grad_accum"]
     replicas = strategy.num_replicas_in_sync
     if global_batch % (replicas * accum):
-        raise ValueError(f"--batch_size {global_batch} is not divisible by {replicas} replicas "
+        raise UserError(f"--batch_size {global_batch} is not divisible by {replicas} replicas "
                          f"x {accum} accumulation steps")
     opt = OptimConfig(s["lr"], s["warmup_steps"], s["beta_1"], s["beta_2"], s["epsilon"],
                       s["ema_decay"], global_batch, accum)
@@ -77,7 +78,7 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
     del teacher
     per_epoch = steps_per_epoch(pairs, global_batch)
     if per_epoch == 0:
-        raise ValueError(f"{pairs.n_train} training pairs are fewer than one batch of {global_batch}")
+        raise UserError(f"{pairs.n_train} training pairs are fewer than one batch of {global_batch}")
     total = int(math.ceil(s["epochs"] * per_epoch))
     logger = Logger(savedir, enabled=chief)
     noise = tf.random.stateless_normal([N_SAMPLES, *shape], seed=[s["seed"], 12345])

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from models.atomic import write_json
 from models.unet import UNet, official_variables
 from models.weights import variables_checkpoint
+from utils.cli import UserError
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Trainer:
         self.strategy, self.opt_cfg, self.loss_fn = strategy, opt, loss_fn
         replicas = strategy.num_replicas_in_sync
         if opt.global_batch % (replicas * opt.grad_accum):
-            raise ValueError(f"global batch {opt.global_batch} is not divisible by "
+            raise UserError(f"global batch {opt.global_batch} is not divisible by "
                              f"{replicas} replicas x {opt.grad_accum} accumulation steps")
         with strategy.scope():
             self.model, self.ema = make_model(), make_model()
@@ -82,9 +83,10 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(savedir, "checkpoints"),
                                                   max_to_keep=max_to_keep)
         self.savedir = savedir
-        one_replica = len(strategy.extended.worker_devices) == 1
-        # XLA inside strategy.run fails with mirrored variables; compile where one replica runs.
-        self._replica_step = tf.function(self._replica_step_fn, jit_compile=xla and one_replica)
+        # XLA inside strategy.run fails with mirrored variables, and on CPUs with collectives:
+        # compile where a single replica trains (TPUs compile anyway).
+        self.xla = xla and strategy.num_replicas_in_sync == 1
+        self._replica_step = tf.function(self._replica_step_fn, jit_compile=self.xla)
 
     # -- state ------------------------------------------------------------------------------
     def init_from(self, source: UNet) -> None:
@@ -207,7 +209,7 @@ def save_run_config(savedir: str, config: dict, must_match: tuple[str, ...]) -> 
         diff = [k for k in must_match if old.get(k) != config.get(k)]
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} before, {config.get(k)!r} now" for k in diff)
-            raise ValueError(f"{savedir} holds a run with other settings ({shown}); "
+            raise UserError(f"{savedir} holds a run with other settings ({shown}); "
                              f"use another SAVEDIR to start afresh")
     write_json(path, config)
 
