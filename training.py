@@ -2,8 +2,10 @@
 
     python training.py cifar10 ./ckpt                     # pairs (if missing), then the student
     python training.py cifar10 ./ckpt --generate_only     # stage 1 only: the teacher's pairs
+    python training.py digits ./ckpt                      # the whole method on a laptop CPU
 
-Stage 1 writes the teacher's (X_T, F_teacher(X_T)) pairs to --datadir (default ./datasets/DATASET)
+Stage 0 (datasets without a pretrained teacher, or --teacher_dataset) trains a DDPM teacher on
+real images into SAVEDIR/teacher. Stage 1 writes the teacher's (X_T, F_teacher(X_T)) pairs to --datadir (default ./datasets/DATASET)
 and never regenerates what is complete; stage 2 trains the student on them under the chosen
 tf.distribute strategy. Everything resumes where it stopped when run again with the same command.
 """
@@ -34,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher weights: a converted folder, an official DDPM checkpoint, the DDIM "
                         ".pth or the original model_tf2_DATASET.h5 (default: looked up in "
                         f"{', '.join(DEFAULT_TEACHER_DIRS)})")
+    g.add_argument("--teacher_dataset", default=None,
+                   help="train the teacher (stage 0) on this image set: 'digits' or a prepared "
+                        "tensorflow-datasets name (default: only for datasets without a teacher)")
+    g.add_argument("--teacher_steps", type=int, help="teacher training steps (default: per dataset)")
+    g.add_argument("--data_dir", default=None, help="tensorflow-datasets data_dir")
     g.add_argument("--raw_teacher", action="store_true",
                    help="use the teacher's raw weights instead of its EMA weights")
     g.add_argument("--seed", type=int, default=0, help="seed of the pair noise and of training")
@@ -79,11 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig) -> str:
+def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy=None) -> str:
+    """--teacher; else a teacher trained in SAVEDIR (stage 0, trained now if this dataset has no
+    pretrained one); else the official weights in the default folders."""
+    from utils.teacher import trained_teacher
     if args.teacher:
         if not os.path.exists(args.teacher) and not os.path.exists(args.teacher + ".index"):
             raise UserError(f"teacher not found: {args.teacher}")
         return args.teacher
+    if args.teacher_dataset or cfg.teacher_train:
+        return trained_teacher(args.savedir) or stage_teacher(args, cfg, strategy)
     candidates = [os.path.join(DEFAULT_TEACHER_DIRS[0], cfg.name),
                   os.path.join(DEFAULT_TEACHER_DIRS[1], cfg.teacher_file),
                   os.path.join(DEFAULT_TEACHER_DIRS[2], f"model_tf2_{cfg.name}.h5")]
@@ -93,10 +105,33 @@ def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig) -> str:
     raise UserError(f"no teacher weights for {cfg.name}: pass --teacher, or put them at one of "
                     f"{', '.join(candidates)} (official DDPM checkpoints: "
                     f"https://github.com/hojonathanho/diffusion; DDIM CelebA: "
-                    f"https://github.com/ermongroup/ddim)")
+                    f"https://github.com/ermongroup/ddim), or train one with --teacher_dataset")
 
 
-def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str:
+def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str:
+    """Stage 0: train a DDPM teacher on real images (resumes if interrupted)."""
+    from data.datasets import DatasetError, real_images
+    from models.configs import TeacherTrainConfig
+    from utils.teacher import train_teacher
+    if strategy is None:
+        raise UserError(f"no trained teacher in {args.savedir}")
+    if cfg.teacher_train is None:  # a user's dataset on a network without teacher settings
+        cfg = cfg.replace(teacher_train=TeacherTrainConfig(
+            batch_size=128, lr=2e-4, warmup_steps=5000, steps=800_000, ema_decay=0.9999))
+    name = args.teacher_dataset or cfg.name
+    net = cfg.network
+    try:
+        images = real_images(name, net.resolution, net.in_ch, "train", args.data_dir)
+    except DatasetError as e:
+        raise UserError(str(e)) from None
+    check_savedir(args.savedir)
+    print(f"teacher: training a DDPM on {len(images):,} {name} images")
+    return train_teacher(cfg, images, strategy, args.savedir, seed=args.seed,
+                         steps=args.teacher_steps, xla=args.xla, progress=not args.no_progress,
+                         source=f"DDPM trained on {name}")
+
+
+def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_path: str) -> str:
     """Make sure the pair set is complete (generating what is missing); returns its folder."""
     from data.pairs import generate_pairs, make_teacher_fn, settings_for
     from data.shards import open_pair_set, read_manifest
@@ -111,7 +146,6 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str:
                             and any(f.startswith("y_train_") for f in os.listdir(folder))):
         open_pair_set(folder, shape)  # ours complete, or the original's layout: use as is
         return folder
-    teacher_path = resolve_teacher(args, cfg)
     with strategy.scope():
         teacher, weights = load_unet(teacher_path, cfg, ema=not args.raw_teacher)
     print(f"teacher: {weights.describe()}")
@@ -154,11 +188,11 @@ def student_settings(args: argparse.Namespace, cfg: DatasetConfig) -> dict:
             "ckpt_every": args.ckpt_every, "n_eval": args.n_eval}
 
 
-def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder: str) -> None:
+def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder: str,
+                  teacher_path: str) -> None:
     from utils.distill import train_student
     check_savedir(args.savedir)
     settings = student_settings(args, cfg)
-    teacher_path = resolve_teacher(args, cfg)
     train_student(cfg, settings, strategy, folder, teacher_path, args.savedir,
                   raw_teacher=args.raw_teacher, progress=not args.no_progress)
 
@@ -166,26 +200,23 @@ def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = get_config(args.dataset)
-    from data.shards import PairSetError
     from utils.strategy import make_strategy
 
-    for name in ("n_examples", "shard_size", "gen_batch_size", "batch_size"):
+    for name in ("n_examples", "shard_size", "gen_batch_size", "batch_size", "teacher_steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive")
     strategy = make_strategy(args.tpu, args.devices, args.cpu_replicas)
-    try:
-        folder = stage_pairs(args, cfg, strategy)
-    except PairSetError as e:
-        raise UserError(str(e)) from None
+    if args.no_generate:  # fail on a missing pair set before any teacher work
+        from data.shards import open_pair_set
+        net = cfg.network
+        open_pair_set(args.datadir or os.path.join("./datasets", cfg.name),
+                      (net.resolution, net.resolution, net.in_ch))
+    teacher_path = resolve_teacher(args, cfg, strategy)
+    folder = stage_pairs(args, cfg, strategy, teacher_path)
     print(f"pairs: complete in {folder}")
-    if args.generate_only:
-        return 0
-    try:
-        stage_student(args, cfg, strategy, folder)
-    except PairSetError as e:
-        raise UserError(str(e)) from None
+    if not args.generate_only:
+        stage_student(args, cfg, strategy, folder, teacher_path)
     return 0
-
 
 if __name__ == "__main__":
     run(main)

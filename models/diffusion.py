@@ -107,3 +107,13 @@ def student_loss(model: Callable, z: tf.Tensor, y: tf.Tensor, kind: str) -> tf.T
     diff = y - student_sample(model, z)
     per_pixel = tf.abs(diff) if kind == "l1" else tf.square(diff)
     return tf.reduce_sum(per_pixel, axis=[1, 2, 3])
+
+
+def ddpm_loss(model: Callable, x0: tf.Tensor, eps: tf.Tensor, t: tf.Tensor, abar: tf.Tensor,
+              training: bool = True) -> tf.Tensor:
+    """Per-example DDPM loss (Ho et al.): mean over pixels of (eps - eps_theta(x_t, t))^2 with
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. `abar` is the alpha_bar table as a tensor."""
+    a = tf.gather(abar, t)[:, None, None, None]
+    x_t = tf.sqrt(a) * x0 + tf.sqrt(1.0 - a) * eps
+    pred = tf.cast(model(x_t, t, training=training), x0.dtype)
+    return tf.reduce_mean(tf.square(eps - pred), axis=[1, 2, 3])

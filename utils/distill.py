@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
 import tensorflow as tf
 
 from data.shards import batches, dequantise_targets, heldout_batches, open_pair_set, steps_per_epoch
@@ -27,8 +26,8 @@ from models.weights import load_unet, save_converted
 from utils.cli import UserError
 from utils.images import make_grid, save_png, to_uint8
 from utils.strategy import worker_info
-from utils.train_loop import (Logger, OptimConfig, Throughput, Trainer, distributed_batches,
-                              progress_bar, save_run_config)
+from utils.train_loop import (Logger, OptimConfig, Trainer, distributed_batches, run_loop,
+                              save_run_config)
 
 MUST_MATCH_ON_RESUME = ("dataset", "batch_size", "grad_accum", "loss", "seed", "bf16")
 N_SAMPLES = 64
@@ -89,7 +88,7 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
               f"{total} steps, {replicas} replica(s)" + (", resumed" if resumed else ""))
 
     def checkpoint(step: int) -> None:
-        trainer.manager.save(checkpoint_number=step)
+        """Score the EMA weights on the held-out pairs; export them (last, and best so far)."""
         loss = score_heldout()
         grid = make_grid(to_uint8(sample(noise).numpy()))
         if not chief:
@@ -101,7 +100,6 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
         if loss < float(trainer.best_heldout.numpy()):
             trainer.best_heldout.assign(loss)
             save_converted(trainer.ema, os.path.join(savedir, "best"), meta, replace=True)
-            trainer.manager.save(checkpoint_number=step)  # keep the best-loss record with the state
         os.makedirs(os.path.join(savedir, "samples"), exist_ok=True)
         save_png(os.path.join(savedir, "samples", f"step_{step:07d}.png"), grid)
         logger.scalars(step, heldout_loss=loss, best_heldout_loss=float(trainer.best_heldout.numpy()))
@@ -109,36 +107,19 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
 
     if not resumed:
         checkpoint(0)  # the teacher-initialised student's held-out loss: the baseline
-    step = trainer.step
-    bar = progress_bar(total, step, f"student ({cfg.name})", not (progress and chief))
-    speed, running = Throughput(), []
+        trainer.manager.save(checkpoint_number=0)
     per_replica = global_batch // replicas
+    specs = (tf.TensorSpec((per_replica, *shape), tf.float32),
+             tf.TensorSpec((per_replica, *shape), tf.uint8))
     to_float = lambda x, y: (x, dequantise_targets(y))  # noqa: E731
-    while step < total:
-        epoch, start = int(trainer.epoch.numpy()), int(trainer.step_in_epoch.numpy())
-        data = distributed_batches(
+
+    def epoch_data(epoch: int, start: int):
+        return distributed_batches(
             strategy, lambda w, n: batches(pairs, global_batch, epoch, s["seed"], start, (w, n)),
-            shape, per_replica, to_float)
-        for batch in data:
-            loss = float(trainer.train_step(batch))
-            step += 1
-            trainer.step_in_epoch.assign_add(1)
-            running.append(loss)
-            speed.add(global_batch)
-            end_of_epoch = int(trainer.step_in_epoch.numpy()) == per_epoch
-            if end_of_epoch:
-                trainer.epoch.assign_add(1)
-                trainer.step_in_epoch.assign(0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}")
-            if step % s["ckpt_every"] == 0 or end_of_epoch or step == total:
-                logger.scalars(step, train_loss=float(np.mean(running)), pairs_per_s=speed.read(),
-                               learning_rate=float(trainer.optimizer.learning_rate))
-                running = []
-                checkpoint(step)
-            if end_of_epoch or step == total:
-                break
-    bar.close()
+            specs, to_float)
+    step = run_loop(trainer, total_steps=total, steps_per_epoch=per_epoch, epoch_data=epoch_data,
+                    ckpt_every=s["ckpt_every"], on_checkpoint=checkpoint, logger=logger,
+                    desc=f"student ({cfg.name})", progress=progress and chief)
     if chief and os.path.isdir(os.path.join(savedir, "best")):
         print(f"best held-out loss {float(trainer.best_heldout.numpy()):.6g}: "
               f"{os.path.join(savedir, 'best')}")

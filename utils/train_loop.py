@@ -51,8 +51,8 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         return {"lr": self.lr, "warmup_steps": self.warmup_steps}
 
 
-LossFn = Callable[[UNet, tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
-"""(model, x, y, step) -> per-example losses [b]; summed and divided by the global batch here."""
+LossFn = Callable[..., tf.Tensor]
+"""(model, *batch_tensors, step) -> per-example losses [b]; summed and divided by the global batch."""
 
 
 class Trainer:
@@ -109,17 +109,18 @@ class Trainer:
         return int(self.optimizer.iterations.numpy())
 
     # -- the step ---------------------------------------------------------------------------
-    def _replica_step_fn(self, x, y):
+    def _replica_step_fn(self, *batch):
         """One optimizer update from this replica's share of the global batch, in grad_accum
         micro-batches whose gradients are summed (the loss is already divided by the global batch)."""
         k = self.opt_cfg.grad_accum
-        xs, ys = tf.split(x, k), tf.split(y, k)
+        parts = [tf.split(b, k) for b in batch]
         step = self.optimizer.iterations
         grads = [tf.zeros_like(v) for v in self.variables]
         total = tf.constant(0.0)
         for i in range(k):  # k is small; unrolled keeps one micro-batch of activations at a time
             with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(self.loss_fn(self.model, xs[i], ys[i], step)) / self.opt_cfg.global_batch
+                per_example = self.loss_fn(self.model, *[p[i] for p in parts], step)
+                loss = tf.reduce_sum(per_example) / self.opt_cfg.global_batch
             g = tape.gradient(loss, self.variables)
             grads = [a + b for a, b in zip(grads, g)]
             total += loss
@@ -139,24 +140,61 @@ class Trainer:
 
 
 def distributed_batches(strategy: tf.distribute.Strategy, make_batches: Callable[[int, int], Iterator],
-                        image_shape: tuple[int, int, int], per_replica: int,
-                        transform: Callable | None = None):
+                        specs: tuple[tf.TensorSpec, ...], transform: Callable | None = None):
     """A distributed dataset over Python-made batches. make_batches(worker, n_workers) yields this
-    worker's part of each global batch as (x, y) numpy arrays; it is split among the local replicas."""
+    worker's part of each global batch as a tuple of numpy arrays; `specs` give one replica's share
+    (so the replica batch is specs[0].shape[0]). Each worker part is split among its local replicas."""
+    per_replica = specs[0].shape[0]
+
     def dataset_fn(ctx: tf.distribute.InputContext):
         def gen():
             local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-            for x, y in make_batches(ctx.input_pipeline_id, ctx.num_input_pipelines):
+            for arrays in make_batches(ctx.input_pipeline_id, ctx.num_input_pipelines):
                 for r in range(local):  # consecutive elements go to consecutive local replicas
-                    yield x[r * per_replica:(r + 1) * per_replica], y[r * per_replica:(r + 1) * per_replica]
-        sig = (tf.TensorSpec((per_replica, *image_shape), tf.float32),
-               tf.TensorSpec((per_replica, *image_shape), tf.uint8))
-        ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+                    yield tuple(a[r * per_replica:(r + 1) * per_replica] for a in arrays)
+        ds = tf.data.Dataset.from_generator(gen, output_signature=specs)
         if transform is not None:
             ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.prefetch(2)
     options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
     return strategy.distribute_datasets_from_function(dataset_fn, options)
+
+
+def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int,
+             epoch_data: Callable[[int, int], object], ckpt_every: int,
+             on_checkpoint: Callable[[int], None], logger: "Logger", desc: str,
+             progress: bool = True) -> int:
+    """Train until `total_steps`, resuming at the trainer's saved position. epoch_data(epoch, start)
+    gives the distributed batches of an epoch from step `start` on. Every `ckpt_every` steps, at each
+    epoch end and at the end, on_checkpoint(step) is called and then a checkpoint saved."""
+    step = trainer.step
+    bar = progress_bar(total_steps, step, desc, not progress)
+    speed, running = Throughput(), []
+    while step < total_steps:
+        epoch, start = int(trainer.epoch.numpy()), int(trainer.step_in_epoch.numpy())
+        for batch in epoch_data(epoch, start):
+            loss = float(trainer.train_step(batch))
+            step += 1
+            trainer.step_in_epoch.assign_add(1)
+            running.append(loss)
+            speed.add(trainer.opt_cfg.global_batch)
+            end_of_epoch = int(trainer.step_in_epoch.numpy()) == steps_per_epoch
+            if end_of_epoch:
+                trainer.epoch.assign_add(1)
+                trainer.step_in_epoch.assign(0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+            if step % ckpt_every == 0 or end_of_epoch or step == total_steps:
+                logger.scalars(step, train_loss=float(np.mean(running)),
+                               examples_per_s=speed.read(),
+                               learning_rate=float(trainer.optimizer.learning_rate))
+                running = []
+                on_checkpoint(step)  # may update state that is saved (the best held-out loss)
+                trainer.manager.save(checkpoint_number=step)
+            if end_of_epoch or step == total_steps:
+                break
+    bar.close()
+    return step
 
 
 class Logger:
