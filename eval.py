@@ -1,14 +1,28 @@
-"""Evaluate a Denoising Student: settings and sizes (`info`).
+"""Sample from and measure a Denoising Student.
 
-    python eval.py info cifar10
+    python eval.py figures ./figures digits --n_images 49      # a 7x7 grid, in seconds, on a CPU
+    python eval.py figures ./figures cifar10 --n_images 49     # needs the released students
+    python eval.py tofolder ./imgs lsun_church                 # one PNG per image (resumable)
+    python eval.py interpolate ./figures digits                # slerp between noise vectors
+    python eval.py fid cifar10 --images ./imgs --inception classify_image_graph_def.pb
+    python eval.py speed cifar10                               # student vs DDIM teacher, img/s
+    python eval.py info cifar10                                # settings and parameter count
+
+--model_dir takes a training run (SAVEDIR), a converted checkpoint, or the folder holding the
+original release's {dataset}_ema_model.h5 (default ./denoising_student_models; for digits, the
+student shipped in models/pretrained/digits).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
-from utils.cli import quiet_tensorflow, run
+from utils.cli import UserError, quiet_tensorflow, run
 
 quiet_tensorflow()
+
+import numpy as np  # noqa: E402
 
 from models.configs import CONFIGS, get_config  # noqa: E402
 
@@ -18,20 +32,234 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
                    help=f"one of: {', '.join(CONFIGS)}")
 
 
+def _sampling_args(p: argparse.ArgumentParser, n_images: int = 20) -> None:
+    p.add_argument("--n_images", type=int, default=n_images, help="how many images")
+    p.add_argument("--batch_size", type=int, default=20, help="images per network call")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same images (bit for bit)")
+    p.add_argument("--model_dir", default=None,
+                   help="training run, converted checkpoint, or folder with {dataset}_ema_model.h5")
+    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the network with XLA")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("info", help="print a dataset's settings, parameter count and sampler cost")
+    for name, text in (("figures", "a square grid of samples, {dataset}_figure_{k}.png"),
+                       ("tofolder", "one PNG per sample (a killed run continues)"),
+                       ("interpolate", "spherical interpolation between noise vectors")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("savedir", metavar="DIR", help="output folder (created if missing)")
+        _dataset_arg(p)
+        _sampling_args(p)
+        if name == "interpolate":
+            p.add_argument("--n_rows", type=int, default=4, help="pairs of endpoints")
+            p.add_argument("--n_steps", type=int, default=8, help="images per row")
+    p = sub.add_parser("fid", help="Frechet Inception Distance of samples against real images")
+    _dataset_arg(p)
+    _sampling_args(p, n_images=50_000)
+    p.add_argument("--images", default=None, help="folder of PNG samples (else fresh samples)")
+    p.add_argument("--inception", default="classify_image_graph_def.pb",
+                   help="the TTUR Inception graph (inception-2015-12-05.tgz)")
+    p.add_argument("--ref_stats", default=None, help="reference statistics .npz (mu, sigma)")
+    p.add_argument("--data_dir", default=None, help="tensorflow-datasets data_dir")
+    p.add_argument("--split", default="train", help="reference split (default: train)")
+    p = sub.add_parser("speed", help="images/s of the student and of the DDIM teacher")
+    _dataset_arg(p)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (the best counts)")
+    p.add_argument("--model_dir", default=None, help="student weights (random weights if none)")
+    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True)
+    p = sub.add_parser("info", help="a dataset's settings, parameter count and sampler cost")
     _dataset_arg(p)
     return parser
 
 
-def cmd_info(args: argparse.Namespace) -> None:
+# -- commands ----------------------------------------------------------------------------------
+
+def output_dir(path: str) -> str:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{path} is not writable")
+    return path
+
+
+def next_free(folder: str, stem: str) -> str:
+    """{stem}_{k}.png with the first k not taken: an earlier figure is never overwritten."""
+    k = 0
+    while os.path.exists(os.path.join(folder, f"{stem}_{k}.png")):
+        k += 1
+    return os.path.join(folder, f"{stem}_{k}.png")
+
+
+def _student(args, cfg):
+    from utils.sampling import load_student, student_fn
+    model, weights = load_student(args.model_dir, cfg)
+    print(f"student: {weights.describe()}")
+    return student_fn(model, args.xla)
+
+
+def cmd_figures(args, cfg) -> None:
+    from tqdm import tqdm
+
+    from utils.images import grid_side, save_png, tile_position
+    from utils.sampling import sample_batches
+    folder = output_dir(args.savedir)
+    sample = _student(args, cfg)
+    res, side, gutter = cfg.network.resolution, grid_side(args.n_images), 1
+    rows = -(-args.n_images // side)
+    grid = np.full((rows * (res + gutter) - gutter, side * (res + gutter) - gutter,
+                    cfg.network.in_ch), 255, np.uint8)
+    bar = tqdm(total=args.n_images, unit="img", disable=args.n_images < 1000)
+    for idx, images in sample_batches(sample, cfg, np.arange(args.n_images), args.batch_size,
+                                      args.seed):
+        for i, img in zip(idx, images):  # tiles go straight into the grid: memory is one batch
+            top, left = tile_position(int(i), side, res, res, gutter)
+            grid[top:top + res, left:left + res] = img
+        bar.update(len(idx))
+    bar.close()
+    path = next_free(folder, f"{cfg.name}_figure")
+    save_png(path, grid)
+    print(f"wrote {path} ({side}x{side} grid of {args.n_images} samples)")
+
+
+def tofolder_name(i: int, n: int) -> str:
+    return f"{i:0{max(5, len(str(n - 1)))}d}.png"
+
+
+def cmd_tofolder(args, cfg) -> None:
+    from tqdm import tqdm
+
+    from utils.images import save_png
+    from utils.sampling import sample_batches
+    folder = output_dir(args.savedir)
+    todo = np.array([i for i in range(args.n_images)
+                     if not os.path.exists(os.path.join(folder, tofolder_name(i, args.n_images)))],
+                    np.int64)
+    if len(todo) == 0:
+        print(f"all {args.n_images} images already in {folder}")
+        return
+    sample = _student(args, cfg)
+    bar = tqdm(total=args.n_images, initial=args.n_images - len(todo), unit="img")
+    for idx, images in sample_batches(sample, cfg, todo, args.batch_size, args.seed):
+        for i, img in zip(idx, images):
+            save_png(os.path.join(folder, tofolder_name(int(i), args.n_images)), img)
+        bar.update(len(idx))
+    bar.close()
+    print(f"{args.n_images} images in {folder}")
+
+
+def cmd_interpolate(args, cfg) -> None:
+    from utils.images import make_grid, save_png, to_uint8
+    from utils.sampling import noise_for, slerp
+    folder = output_dir(args.savedir)
+    sample = _student(args, cfg)
+    ends = noise_for(np.arange(2 * args.n_rows), cfg, args.seed).numpy()
+    w = np.linspace(0.0, 1.0, args.n_steps)
+    z = np.concatenate([slerp(ends[2 * r], ends[2 * r + 1], w) for r in range(args.n_rows)])
+    images = np.concatenate([to_uint8(sample(z[i:i + args.batch_size]).numpy())
+                             for i in range(0, len(z), args.batch_size)])
+    path = next_free(folder, f"{cfg.name}_interpolation")
+    save_png(path, make_grid(images, side=args.n_steps))
+    print(f"wrote {path} ({args.n_rows} rows of {args.n_steps})")
+
+
+def cmd_fid(args, cfg) -> None:
+    from utils import fid
+    from utils.images import load_png
+    from utils.sampling import sample_batches
+    if args.images:
+        files = sorted(f for f in os.listdir(args.images) if f.endswith(".png"))
+        if not files:
+            raise UserError(f"no PNG images in {args.images}")
+        files = files[:args.n_images] if args.n_images else files
+        batches = ([load_png(os.path.join(args.images, f)) for f in files[i:i + args.batch_size]]
+                   for i in range(0, len(files), args.batch_size))
+        images, total = (np.stack(b) for b in batches), len(files)
+    else:
+        sample = _student(args, cfg)
+        images = (b for _, b in sample_batches(sample, cfg, np.arange(args.n_images),
+                                               args.batch_size, args.seed))
+        total = args.n_images
+    if cfg.name == "digits":
+        from utils.digit_classifier import digits_fd
+        batches = list(images)
+        print(f"digits-classifier FD ({total} samples vs real held-out digits): "
+              f"{digits_fd(np.concatenate(batches)):.3f}")
+        return
+    net = fid.load_inception(args.inception)
+    mu, sigma = fid.compute_statistics(images, net, args.batch_size, total=total)
+    ref_mu, ref_sigma = reference_statistics(args, cfg, net)
+    print(f"FID ({total} samples vs {cfg.name} {args.split}): "
+          f"{fid.frechet_distance(mu, sigma, ref_mu, ref_sigma):.3f}")
+
+
+def reference_statistics(args, cfg, net):
+    from utils import fid
+    if args.ref_stats:
+        return fid.load_statistics(args.ref_stats)
+    cache = os.path.join("fid_stats", f"{cfg.name}_{args.split}.npz")
+    if os.path.exists(cache):
+        return fid.load_statistics(cache)
+    images = fid.reference_images(cfg.name, args.split, args.data_dir)
+    mu, sigma = fid.compute_statistics(images, net, args.batch_size, total=images.num_examples)
+    os.makedirs("fid_stats", exist_ok=True)
+    fid.save_statistics(cache, mu, sigma)
+    print(f"cached reference statistics in {cache}")
+    return mu, sigma
+
+
+def best_seconds(fn, x, repeats: int) -> float:
+    fn(x).numpy()  # warm-up: tracing and compilation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x).numpy()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def cmd_speed(args, cfg) -> None:
+    import tensorflow as tf
+
+    from models.unet import UNet
+    from models.weights import WeightsError
+    from utils.sampling import load_student, noise_for, student_fn, teacher_fn
+    try:
+        model, weights = load_student(args.model_dir, cfg)
+        print(f"weights: {weights.describe()}")
+    except WeightsError as e:
+        if args.model_dir:
+            raise
+        model = UNet(cfg.network)
+        print(f"weights: random (no checkpoint found: {str(e).split(':')[0]}); speed depends only "
+              f"on the architecture")
+    z = noise_for(np.arange(args.batch_size), cfg, 0)
+    t = tf.fill([args.batch_size], 999)
+    bare = tf.function(lambda v: model(v, t), jit_compile=args.xla)
+    s_bare = best_seconds(bare, z, args.repeats)
+    s_student = best_seconds(student_fn(model, args.xla), z, args.repeats)
+    teacher = teacher_fn(model, cfg, args.xla)  # same network, so the same cost per call
+    s_teacher = best_seconds(teacher, z, max(1, args.repeats - 2))
+    from models.diffusion import ddim_plan
+    calls = ddim_plan(cfg.sampler).n_calls
+    b = args.batch_size
+    print(f"device: {tf.config.list_logical_devices()[-1].name}, batch {b}, xla {args.xla}")
+    print(f"bare forward pass:      {b / s_bare:10.2f} img/s")
+    print(f"student (1 call):       {b / s_student:10.2f} img/s ({s_bare / s_student:.3f}x bare)")
+    print(f"teacher ({calls} calls):  {b / s_teacher:10.2f} img/s")
+    print(f"student / teacher:      {s_teacher / s_student:10.1f}x faster")
+
+
+def cmd_info(args, cfg) -> None:
     from models.diffusion import ddim_plan, timestep_sequence
     from models.unet import UNet, count_parameters
-
-    cfg = get_config(args.dataset)
     net, smp, pairs, tr = cfg.network, cfg.sampler, cfg.pairs, cfg.train
     plan = ddim_plan(smp)
     print(f"dataset: {cfg.name}" + (f" ({cfg.description})" if cfg.description else ""))
@@ -49,12 +277,17 @@ def cmd_info(args: argparse.Namespace) -> None:
           f"epochs {tr.epochs}")
 
 
-COMMANDS = {"info": cmd_info}
+COMMANDS = {"figures": cmd_figures, "tofolder": cmd_tofolder, "interpolate": cmd_interpolate,
+            "fid": cmd_fid, "speed": cmd_speed, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    COMMANDS[args.command](args)
+    cfg = get_config(args.dataset)
+    for name in ("n_images", "batch_size", "n_rows", "n_steps", "repeats"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
+            raise UserError(f"--{name} must be positive")
+    COMMANDS[args.command](args, cfg)
     return 0
 
 
