@@ -1,0 +1,142 @@
+"""eval.py as users run it: grids, folders, interpolation, speed, released-format students, errors."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from models.configs import CONFIGS
+from models.diffusion import student_sample
+from models.weights import load_unet
+from tests.helpers import ROOT, make_tiny_teacher, run_cli
+from tests.reference.official import official_variable_shapes, random_params
+from tests.reference.original_h5 import write_original_h5
+
+TINY = CONFIGS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return make_tiny_teacher(str(tmp_path_factory.mktemp("student") / "tiny"), seed=5)
+
+
+def png(path):
+    return np.asarray(Image.open(path))
+
+
+def reference_samples(model_dir, seed, n):
+    """Samples by definition: noise i = stateless N(0, I) keyed (seed, 2 * 2^40 + i) in float16,
+    x0 = z - f(z, 999), mapped to uint8 with rounding."""
+    model, _ = load_unet(model_dir, TINY)
+    z = np.stack([tf.random.stateless_normal((16, 16, 3), seed=tf.constant([seed, 2 * 2 ** 40 + i], tf.int64))
+                  .numpy().astype(np.float16).astype(np.float32) for i in range(n)])
+    x0 = tf.function(lambda v: student_sample(model, v))(z).numpy()
+    return np.floor((np.clip(x0, -1, 1) + 1) * 127.5 + 0.5).astype(np.uint8)
+
+
+def figures(out, model_dir, *extra):
+    return run_cli("eval.py", "figures", str(out), "tiny", "--model_dir", model_dir, "--no-xla", *extra)
+
+
+def test_grid_tiles_are_the_seeded_samples_and_never_overwritten(student, tmp_path):
+    r = figures(tmp_path, student, "--n_images", "10", "--batch_size", "4", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    grid = png(tmp_path / "tiny_figure_0.png")
+    assert grid.shape == (3 * 17 - 1, 4 * 17 - 1, 3)  # ceil(sqrt(10)) = 4 per row, 1-pixel gutter
+    ref = reference_samples(student, seed=3, n=10)
+    for i in range(10):
+        r_, c_ = divmod(i, 4)
+        tile = grid[r_ * 17:r_ * 17 + 16, c_ * 17:c_ * 17 + 16]
+        assert np.abs(tile.astype(int) - ref[i]).max() <= 1, i
+    assert (grid[16, :] == 255).all() and (grid[2 * 17:, 2 * 17:] == 255).all()  # gutter, empty cells
+    again = figures(tmp_path, student, "--n_images", "10", "--batch_size", "7", "--seed", "3")
+    assert again.returncode == 0, again.stderr
+    assert open(tmp_path / "tiny_figure_1.png", "rb").read() == open(tmp_path / "tiny_figure_0.png", "rb").read()
+
+
+def test_released_h5_student_samples_like_its_conversion(tmp_path):
+    net = TINY.network
+    params = random_params(official_variable_shapes(net.ch, net.ch_mult, net.num_res_blocks,
+                                                    net.attn_resolutions, net.resolution), seed=9)
+    release = tmp_path / "denoising_student_models"
+    release.mkdir()
+    write_original_h5(str(release / "tiny_ema_model.h5"), params, family="ddpm", kind="student")
+    conv = run_cli("-m", "models.convert", "--dataset", "tiny", str(release / "tiny_ema_model.h5"),
+                   str(tmp_path / "converted"))
+    assert conv.returncode == 0, conv.stderr
+    for name, model_dir in (("h5", release), ("conv", tmp_path / "converted")):
+        r = figures(tmp_path / name, str(model_dir), "--n_images", "4", "--seed", "1")
+        assert r.returncode == 0, r.stderr
+        assert "GroupNorm eps 0.001" in r.stdout  # the original's tensorflow-addons epsilon
+    assert np.array_equal(png(tmp_path / "h5" / "tiny_figure_0.png"),
+                          png(tmp_path / "conv" / "tiny_figure_0.png"))
+
+
+@pytest.mark.slow
+def test_tofolder_killed_and_resumed_gives_exactly_n_pngs(student, tmp_path):
+    n = 400
+    args = ["eval.py", "tofolder", str(tmp_path / "imgs"), "tiny", "--n_images", str(n),
+            "--batch_size", "8", "--model_dir", student, "--no-xla"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": ROOT})
+    deadline = time.time() + 300
+    pngs = lambda: [f for f in os.listdir(tmp_path / "imgs") if f.endswith(".png")  # noqa: E731
+                    and not f.startswith(".tmp")] if (tmp_path / "imgs").exists() else []
+    while time.time() < deadline and len(pngs()) < 40:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(pngs())
+    assert 40 <= done < n
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    files = sorted(f for f in os.listdir(tmp_path / "imgs") if not f.startswith(".tmp"))
+    assert files == [f"{i:05d}.png" for i in range(n)]
+    ref = reference_samples(student, seed=0, n=n)
+    for i in (0, done - 1, done, n - 1):
+        assert np.abs(png(tmp_path / "imgs" / files[i]).astype(int) - ref[i]).max() <= 1
+
+
+@pytest.mark.slow
+def test_ten_thousand_image_figure_stays_within_one_batch_of_memory(student, tmp_path):
+    def peak_rss_mb(n):
+        code = ("import resource, runpy, sys; sys.argv = ['eval.py', 'figures', sys.argv[1], 'tiny', "
+                "'--n_images', sys.argv[2], '--batch_size', '100', '--model_dir', sys.argv[3], '--no-xla']\n"
+                "try:\n    runpy.run_path('eval.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+        r = run_cli("-c", code, str(tmp_path / str(n)), str(n), student)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout.split("PEAK")[1])
+    small, big = peak_rss_mb(100), peak_rss_mb(10_000)
+    grid_mb = (100 * 17) ** 2 * 3 / 2 ** 20
+    print(f"peak RSS: {small} MB for 100 images, {big} MB for 10,000 (grid itself {grid_mb:.1f} MB)")
+    assert big - small < 2 * grid_mb + 40
+
+
+def test_speed_runs_with_random_weights(tmp_path):
+    r = run_cli("eval.py", "speed", "tiny", "--batch_size", "8", "--repeats", "1", "--no-xla")
+    assert r.returncode == 0, r.stderr
+    calls = len({int(v) for v in np.linspace(0, np.sqrt(800), 10) ** 2})  # tiny: 10 quadratic steps
+    assert "weights: random" in r.stdout and f"teacher ({calls} calls)" in r.stdout
+    assert "faster" in r.stdout
+
+
+def test_bad_inputs_are_one_line_errors(student, tmp_path):
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["figures", str(tmp_path), "imagenet"], "invalid choice: 'imagenet'"),
+        (["figures", str(tmp_path), "tiny", "--n_images", "0"], "--n_images must be positive"),
+        (["figures", str(tmp_path / "file"), "tiny", "--model_dir", student], "is a file, not a directory"),
+        (["figures", str(tmp_path), "digits", "--model_dir", student], "holds tiny weights, not digits"),
+        (["figures", str(tmp_path), "cifar10", "--model_dir", str(tmp_path / "none")], "no cifar10 student"),
+    ]
+    for args, message in cases:
+        r = run_cli("eval.py", *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["file"]
