@@ -12,7 +12,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python eval.py info cifar10
+	$(BIN)/python eval.py figures ./figures digits --n_images 49
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
@@ -21,7 +21,7 @@ test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/forward.py
+	$(BIN)/python bench/forward.py --datasets cifar10 --batches 1 64
 
 clean-venv:
 	rm -rf $(VENV)
