@@ -18,7 +18,7 @@ import argparse
 import os
 import time
 
-from utils.cli import UserError, quiet_tensorflow, run
+from utils.cli import UserError, quiet_tensorflow, run, writable_dir
 
 quiet_tensorflow()
 
@@ -78,18 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands ----------------------------------------------------------------------------------
 
-def output_dir(path: str) -> str:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{path} is a file, not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{path} is not writable")
-    return path
-
-
 def next_free(folder: str, stem: str) -> str:
     """{stem}_{k}.png with the first k not taken: an earlier figure is never overwritten."""
     k = 0
@@ -110,7 +98,7 @@ def cmd_figures(args, cfg) -> None:
 
     from utils.images import grid_side, save_png, tile_position
     from utils.sampling import sample_batches
-    folder = output_dir(args.savedir)
+    folder = writable_dir(args.savedir)
     sample = _student(args, cfg)
     res, side, gutter = cfg.network.resolution, grid_side(args.n_images), 1
     rows = -(-args.n_images // side)
@@ -138,7 +126,7 @@ def cmd_tofolder(args, cfg) -> None:
 
     from utils.images import save_png
     from utils.sampling import sample_batches
-    folder = output_dir(args.savedir)
+    folder = writable_dir(args.savedir)
     todo = np.array([i for i in range(args.n_images)
                      if not os.path.exists(os.path.join(folder, tofolder_name(i, args.n_images)))],
                     np.int64)
@@ -158,7 +146,7 @@ def cmd_tofolder(args, cfg) -> None:
 def cmd_interpolate(args, cfg) -> None:
     from utils.images import make_grid, save_png, to_uint8
     from utils.sampling import noise_for, slerp
-    folder = output_dir(args.savedir)
+    folder = writable_dir(args.savedir)
     sample = _student(args, cfg)
     ends = noise_for(np.arange(2 * args.n_rows), cfg, args.seed).numpy()
     w = np.linspace(0.0, 1.0, args.n_steps)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from utils.cli import UserError, quiet_tensorflow, run
+from utils.cli import UserError, quiet_tensorflow, run, writable_dir
 
 quiet_tensorflow()
 
@@ -124,7 +124,7 @@ def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str
         images = real_images(name, net.resolution, net.in_ch, "train", args.data_dir)
     except DatasetError as e:
         raise UserError(str(e)) from None
-    check_savedir(args.savedir)
+    writable_dir(args.savedir, "SAVEDIR")
     print(f"teacher: training a DDPM on {len(images):,} {name} images")
     return train_teacher(cfg, images, strategy, args.savedir, seed=args.seed,
                          steps=args.teacher_steps, xla=args.xla, progress=not args.no_progress,
@@ -163,17 +163,6 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
     return folder
 
 
-def check_savedir(savedir: str) -> None:
-    if os.path.exists(savedir) and not os.path.isdir(savedir):
-        raise UserError(f"SAVEDIR {savedir} is a file, not a directory")
-    try:
-        os.makedirs(savedir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create SAVEDIR {savedir}: {e.strerror}") from None
-    if not os.access(savedir, os.W_OK):
-        raise UserError(f"SAVEDIR {savedir} is not writable")
-
-
 def student_settings(args: argparse.Namespace, cfg: DatasetConfig) -> dict:
     """The paper's per-dataset values, overridden by flags; written to SAVEDIR/config.json."""
     tr = cfg.train
@@ -191,7 +180,7 @@ def student_settings(args: argparse.Namespace, cfg: DatasetConfig) -> dict:
 def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder: str,
                   teacher_path: str) -> None:
     from utils.distill import train_student
-    check_savedir(args.savedir)
+    writable_dir(args.savedir, "SAVEDIR")
     settings = student_settings(args, cfg)
     train_student(cfg, settings, strategy, folder, teacher_path, args.savedir,
                   raw_teacher=args.raw_teacher, progress=not args.no_progress)

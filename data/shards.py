@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from models.atomic import atomic_write, write_json
+from models.fileio import atomic_write, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -85,14 +84,6 @@ def dequantise_targets(y: tf.Tensor) -> tf.Tensor:
 
 
 # -- files -----------------------------------------------------------------------------------------
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def save_npy_atomic(path: str, array: np.ndarray) -> dict:
     """np.save atomically; returns the manifest record of the file."""

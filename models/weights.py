@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from models.atomic import write_json
+from models.fileio import sha256_file, write_json
 from models.configs import DatasetConfig
 from models.unet import UNet, official_variables
 
@@ -85,14 +85,6 @@ def read_weights(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
     return read_ddpm_tf1(path, ema=ema)
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # -- official DDPM TF1 checkpoint ----------------------------------------------------------------
 
 _EMA_SUFFIX = "/ExponentialMovingAverage"
@@ -134,7 +126,7 @@ def _checkpoint_sha256(prefix: str) -> str:
     files = sorted(f for f in os.listdir(folder or ".") if f.startswith(base + "."))
     h = hashlib.sha256()
     for name in files:
-        h.update(file_sha256(os.path.join(folder, name)).encode())
+        h.update(sha256_file(os.path.join(folder, name)).encode())
     return h.hexdigest()
 
 
@@ -169,7 +161,7 @@ def read_ddim_pth(path: str, ema: bool = True) -> Weights:
         params[name] = _torch_to_official_layout(name, tensor.detach().cpu().numpy())
     step = int(states[3]) if len(states) > 3 and isinstance(states[3], (int, np.integer)) else None
     return Weights(params, OFFICIAL_GN_EPS, path, "ddim_pth", ema=ema, step=step,
-                   sha256=file_sha256(path), ignored=ignored)
+                   sha256=sha256_file(path), ignored=ignored)
 
 
 def ddim_to_official_name(key: str) -> str | None:
@@ -275,7 +267,7 @@ def read_original_h5(path: str, cfg: DatasetConfig) -> Weights:
             raise WeightsError(f"{path}: weight {h5_name} {value.shape} does not fit {name} "
                                f"{expected[name]} of the {cfg.name} network")
         params[name] = value
-    return Weights(params, ORIGINAL_GN_EPS, path, "original_h5", sha256=file_sha256(path))
+    return Weights(params, ORIGINAL_GN_EPS, path, "original_h5", sha256=sha256_file(path))
 
 
 def _attr_strings(attrs, key: str) -> list[str]:

@@ -216,3 +216,32 @@ def test_reader_order_is_seeded_shuffled_across_shards_and_splits_by_worker(tmp_
     assert ids(batches(p, 8, epoch=0, seed=1, start_step=5)) == e0[5:]
     halves = [ids(batches(p, 8, epoch=0, seed=1, part=(w, 2))) for w in range(2)]
     assert [a + b for a, b in zip(*halves)] == e0
+
+
+@pytest.mark.slow
+def test_two_workers_write_disjoint_shards_of_the_same_set(reference_set, teacher, tmp_path):
+    import json
+    import socket
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    ports = [free_port(), free_port()]
+    folder = str(tmp_path / "mw")
+    procs = []
+    for i in range(2):
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": i}}
+        procs.append(subprocess.Popen(
+            [sys.executable, "training.py", "tiny", str(tmp_path / "run"), "--teacher", teacher,
+             "--datadir", folder, *GEN], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "PYTHONPATH": ROOT, "TF_CONFIG": json.dumps(tf_config)}))
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    assert files_of(folder).keys() == files_of(reference_set).keys()
+    for name, data in files_of(folder).items():
+        if name.startswith("x_"):
+            assert data == files_of(reference_set)[name], name
+    assert len(read_manifest(folder)["files"]) == 14

@@ -29,6 +29,20 @@ def quiet_tensorflow() -> None:
         os.close(devnull)
 
 
+def writable_dir(path: str, label: str = "") -> str:
+    """Create `path` if needed; a clear UserError if it is a file or cannot be written."""
+    name = f"{label} {path}".strip()
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{name} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {name}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{name} is not writable")
+    return path
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Call main; turn UserError (and unknown-dataset errors) into `error: ...` and exit 2."""
     from models.configs import UnknownDatasetError

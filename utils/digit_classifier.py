@@ -33,7 +33,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from data.datasets import digits_with_labels  # noqa: E402
-from models.atomic import write_json  # noqa: E402
+from models.fileio import write_json  # noqa: E402
 from utils.fid import feature_statistics, frechet_distance  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

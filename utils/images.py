@@ -6,7 +6,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from models.atomic import atomic_write
+from models.fileio import atomic_write
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

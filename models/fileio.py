@@ -1,4 +1,5 @@
-"""Atomic file writes for every module (here because models/ is the bottom layer of the imports).
+"""File helpers for every module (here because models/ is the bottom layer of the imports):
+atomic writes and checksums.
 
 A file appears under its final name only when complete: it is written to a temporary name in the
 same folder, flushed to disk, then renamed. A killed run leaves at most a `.tmp-*` file behind.
@@ -6,6 +7,7 @@ same folder, flushed to disk, then renamed. A killed run leaves at most a `.tmp-
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -34,3 +36,11 @@ def write_json(path: str, obj: dict) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

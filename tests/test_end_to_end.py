@@ -1,0 +1,50 @@
+"""The whole method through the real CLIs on a tiny budget: teacher (stage 0), pairs (stage 1),
+student (stage 2), then eval.py figures / fid / speed on the result."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import run_cli
+
+
+@pytest.mark.slow
+def test_digits_end_to_end(tmp_path):
+    run, pairs = tmp_path / "run", tmp_path / "pairs"
+    r = run_cli("training.py", "digits", str(run), "--datadir", str(pairs), "--teacher_steps", "150",
+                "--n_examples", "384", "--shard_size", "128", "--n_test", "64", "--epochs", "2",
+                "--ckpt_every", "100", "--no_progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # stage 0: a teacher trained and exported, with its loss logged
+    teacher_log = [json.loads(x) for x in open(run / "teacher_run" / "logs" / "scalars.jsonl")]
+    losses = [e["train_loss"] for e in teacher_log if "train_loss" in e]
+    assert teacher_log[-1]["step"] == 150 and losses[-1] < losses[0]
+    assert json.load(open(run / "teacher" / "weights.json"))["dataset"] == "digits"
+    # stage 1: a complete pair set of the requested size
+    manifest = json.load(open(pairs / "manifest.json"))
+    assert manifest["n_examples"] == 384 and len(manifest["files"]) == 2 * (3 + 1)
+    y = np.load(pairs / "y_train_0.npy")
+    assert y.shape == (128, 8, 8, 1) and y.dtype == np.uint8 and y.std() > 10
+    # stage 2: student checkpoints, best export, held-out loss below its initial value
+    log = [json.loads(x) for x in open(run / "logs" / "scalars.jsonl")]
+    held = [e["heldout_loss"] for e in log if "heldout_loss" in e]
+    assert log[-1]["step"] == 12 and min(held) < held[0]
+    assert os.path.exists(run / "best" / "weights.json")
+    # evaluation of what was trained
+    r = run_cli("eval.py", "figures", str(tmp_path / "fig"), "digits", "--n_images", "49",
+                "--model_dir", str(run))
+    assert r.returncode == 0, r.stderr
+    assert np.asarray(Image.open(tmp_path / "fig" / "digits_figure_0.png")).shape == (7 * 9 - 1, 7 * 9 - 1)
+    r = run_cli("eval.py", "fid", "digits", "--n_images", "200", "--batch_size", "100",
+                "--model_dir", str(run))
+    assert r.returncode == 0, r.stderr
+    assert np.isfinite(float(r.stdout.split("digits):")[-1].split()[0]))
+    # running the same command again finds everything complete and changes nothing
+    before = open(run / "best" / "weights.data-00000-of-00001", "rb").read()
+    r = run_cli("training.py", "digits", str(run), "--datadir", str(pairs), "--teacher_steps", "150",
+                "--n_examples", "384", "--shard_size", "128", "--n_test", "64", "--epochs", "2",
+                "--ckpt_every", "100", "--no_progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert open(run / "best" / "weights.data-00000-of-00001", "rb").read() == before
