@@ -40,10 +40,12 @@ def tfds_images(name: str, resolution: int, channels: int, split: str = "train",
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # unknown names raise DatasetNotFoundError and others
         raise DatasetError(f"tensorflow-datasets has no dataset {name!r} ({e})") from None
-    if not builder.is_prepared():
+    try:  # never download_and_prepare: offline, tfds retries for minutes
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+    except Exception:
         raise DatasetError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}; prepare "
-                           f"it on a machine with internet (`tfds build {name}`) and pass --data_dir")
-    ds = builder.as_dataset(split=split, shuffle_files=False)
+                           f"it on a machine with internet (`tfds build {name}`) and pass "
+                           f"--data_dir") from None
     out = []
     for example in ds.take(limit) if limit else ds:
         img = tf.cast(example["image"], tf.float32)

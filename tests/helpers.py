@@ -27,3 +27,18 @@ def make_tiny_teacher(folder: str, seed: int = 0) -> str:
     for name, var in official_variables(model).items():
         var.assign(params[name])
     return save_converted(model, folder, {"dataset": "tiny", "source": "random (tests)"})
+
+
+def run_main(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run a CLI's main() in this process through utils.cli.run, as `python module.py argv` would
+    (exit code, stdout, stderr); saves the interpreter start-up of a subprocess."""
+    import importlib
+
+    import pytest
+
+    from utils.cli import run
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err

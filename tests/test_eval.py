@@ -13,7 +13,7 @@ from PIL import Image
 from models.configs import CONFIGS
 from models.diffusion import student_sample
 from models.weights import load_unet
-from tests.helpers import ROOT, make_tiny_teacher, run_cli
+from tests.helpers import ROOT, make_tiny_teacher, run_cli, run_main
 from tests.reference.official import official_variable_shapes, random_params
 from tests.reference.original_h5 import write_original_h5
 
@@ -126,17 +126,17 @@ def test_speed_runs_with_random_weights(tmp_path):
     assert "faster" in r.stdout
 
 
-def test_bad_inputs_are_one_line_errors(student, tmp_path):
+def test_bad_inputs_are_one_line_errors(student, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     cases = [
-        (["figures", str(tmp_path), "imagenet"], "invalid choice: 'imagenet'"),
-        (["figures", str(tmp_path), "tiny", "--n_images", "0"], "--n_images must be positive"),
-        (["figures", str(tmp_path / "file"), "tiny", "--model_dir", student], "is a file, not a directory"),
-        (["figures", str(tmp_path), "digits", "--model_dir", student], "holds tiny weights, not digits"),
-        (["figures", str(tmp_path), "cifar10", "--model_dir", str(tmp_path / "none")], "no cifar10 student"),
+        (["figures", tmp_path, "imagenet"], "invalid choice: 'imagenet'"),
+        (["figures", tmp_path, "tiny", "--n_images", "0"], "--n_images must be positive"),
+        (["figures", tmp_path / "file", "tiny", "--model_dir", student], "is a file, not a directory"),
+        (["figures", tmp_path, "digits", "--model_dir", student], "holds tiny weights, not digits"),
+        (["figures", tmp_path, "cifar10", "--model_dir", tmp_path / "none"], "no cifar10 student"),
     ]
     for args, message in cases:
-        r = run_cli("eval.py", *args)
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
-        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        code, out, err = run_main("eval", args, capsys)
+        assert code == 2, (args, out, err)
+        assert message in err and "Traceback" not in err, (args, err)
     assert sorted(os.listdir(tmp_path)) == ["file"]
