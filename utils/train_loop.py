@@ -115,24 +115,29 @@ class Trainer:
         k = self.opt_cfg.grad_accum
         parts = [tf.split(b, k) for b in batch]
         step = self.optimizer.iterations
-        grads = [tf.zeros_like(v) for v in self.variables]
-        total = tf.constant(0.0)
+        grads, total = None, 0.0
         for i in range(k):  # k is small; unrolled keeps one micro-batch of activations at a time
             with tf.GradientTape() as tape:
                 per_example = self.loss_fn(self.model, *[p[i] for p in parts], step)
                 loss = tf.reduce_sum(per_example) / self.opt_cfg.global_batch
             g = tape.gradient(loss, self.variables)
-            grads = [a + b for a, b in zip(grads, g)]
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
             total += loss
         self.optimizer.apply_gradients(zip(grads, self.variables))
+        if self.strategy.num_replicas_in_sync == 1:
+            self._update_ema()  # inside the (possibly XLA-compiled) step: fused with the update
         return total
+
+    def _update_ema(self):
+        d = self.opt_cfg.ema_decay
+        for e, w in zip(official_variables(self.ema).values(), official_variables(self.model).values()):
+            e.assign(d * e + (1.0 - d) * w)
 
     @tf.function
     def _distributed_step(self, batch):
         losses = self.strategy.run(self._replica_step, args=batch)
-        d = self.opt_cfg.ema_decay
-        for e, w in zip(official_variables(self.ema).values(), official_variables(self.model).values()):
-            e.assign(d * e + (1.0 - d) * w)  # cross-replica: the same value on every replica
+        if self.strategy.num_replicas_in_sync > 1:
+            self._update_ema()  # cross-replica context: the same value lands on every replica
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
     def train_step(self, batch) -> tf.Tensor:
