@@ -40,6 +40,9 @@ def _sampling_args(p: argparse.ArgumentParser, n_images: int = 20) -> None:
                    help="training run, converted checkpoint, or folder with {dataset}_ema_model.h5")
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the network with XLA")
+    p.add_argument("--sampler", choices=["student", "teacher"], default="student",
+                   help="one-step student (default), or the DDIM teacher loop run on the weights "
+                        "(for comparisons; digits: the shipped teacher)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +90,15 @@ def next_free(folder: str, stem: str) -> str:
 
 
 def _student(args, cfg):
-    from utils.sampling import load_student, student_fn
+    """The sampling function: the student's one step, or (--sampler teacher) the DDIM loop."""
+    from utils.sampling import load_student, student_fn, teacher_fn
+    if args.sampler == "teacher":
+        from models.weights import load_unet
+        from utils.sampling import default_teacher
+        model, weights = load_unet(args.model_dir or default_teacher(cfg), cfg)
+        print(f"teacher (DDIM, {cfg.sampler.steps} {cfg.sampler.skip_type} steps): "
+              f"{weights.describe()}")
+        return teacher_fn(model, cfg, args.xla)
     model, weights = load_student(args.model_dir, cfg)
     print(f"student: {weights.describe()}")
     return student_fn(model, args.xla)

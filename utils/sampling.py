@@ -31,6 +31,13 @@ def default_model_dir(cfg: DatasetConfig) -> str:
     return shipped if os.path.isdir(shipped) else ORIGINAL_DIR
 
 
+def default_teacher(cfg: DatasetConfig) -> str:
+    shipped = os.path.join(PRETRAINED, cfg.name, "teacher")
+    if not os.path.isdir(shipped):
+        raise WeightsError(f"no shipped {cfg.name} teacher: pass --model_dir with teacher weights")
+    return shipped
+
+
 def find_student(model_dir: str, cfg: DatasetConfig) -> str:
     """The weight file/folder inside `model_dir`: a training run (its best/, else last/), a
     converted checkpoint, the original release's {dataset}_ema_model.h5, or a file given directly."""
