@@ -90,7 +90,8 @@ def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribut
                                                    cfg.sampler.num_timesteps), specs)
     step = run_loop(trainer, total_steps=total, steps_per_epoch=per_epoch, epoch_data=epoch_data,
                     ckpt_every=max(total // 10, 1), on_checkpoint=checkpoint, logger=logger,
-                    desc=f"teacher ({cfg.name})", progress=progress and chief)
+                    desc=f"teacher ({cfg.name})", progress=progress and chief,
+                    ckpt_at_epoch_end=False)  # small data sets make epochs of a few steps
     out = os.path.join(savedir, TEACHER_DIR)
     if chief:
         save_converted(trainer.ema, out, {"dataset": cfg.name, "step": step, "ema": True,

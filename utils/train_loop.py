@@ -168,10 +168,11 @@ def distributed_batches(strategy: tf.distribute.Strategy, make_batches: Callable
 def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int,
              epoch_data: Callable[[int, int], object], ckpt_every: int,
              on_checkpoint: Callable[[int], None], logger: "Logger", desc: str,
-             progress: bool = True) -> int:
+             progress: bool = True, ckpt_at_epoch_end: bool = True) -> int:
     """Train until `total_steps`, resuming at the trainer's saved position. epoch_data(epoch, start)
     gives the distributed batches of an epoch from step `start` on. Every `ckpt_every` steps, at each
-    epoch end and at the end, on_checkpoint(step) is called and then a checkpoint saved."""
+    epoch end (unless ckpt_at_epoch_end is off: tiny epochs) and at the end, on_checkpoint(step) is
+    called and then a checkpoint saved."""
     step = trainer.step
     bar = progress_bar(total_steps, step, desc, not progress)
     speed, running = Throughput(), []
@@ -189,7 +190,7 @@ def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int,
                 trainer.step_in_epoch.assign(0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
-            if step % ckpt_every == 0 or end_of_epoch or step == total_steps:
+            if step % ckpt_every == 0 or (end_of_epoch and ckpt_at_epoch_end) or step == total_steps:
                 logger.scalars(step, train_loss=float(np.mean(running)),
                                examples_per_s=speed.read(),
                                learning_rate=float(trainer.optimizer.learning_rate))
