@@ -57,6 +57,3 @@ def worker_info() -> tuple[int, int]:
     task = cfg.get("task", {})
     return (int(task.get("index", 0)) if task.get("type", "worker") == "worker" else 0), len(workers)
 
-
-def is_chief() -> bool:
-    return worker_info()[0] == 0
