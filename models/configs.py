@@ -143,7 +143,7 @@ CONFIGS: dict[str, DatasetConfig] = {
         teacher_file="diffusion_lsun_church_model/model.ckpt-4432000",
     ),
     # The embedded demo: scikit-learn's 1,797 real 8x8 digits at their native resolution (no
-    # invented detail, and 4x cheaper than 16x16, which keeps the whole method under ~20 minutes
+    # invented detail, and 4x cheaper than 16x16, which keeps the whole method at about 25 minutes
     # on 2 CPU cores). Two levels (8, 4) with attention at 4x4; the teacher is trained here.
     "digits": DatasetConfig(
         name="digits",
