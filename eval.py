@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("savedir", metavar="DIR", help="output folder (created if missing)")
         _dataset_arg(p)
         _sampling_args(p)
+        p.add_argument("--zoom", type=int, default=None,
+                       help="save the grid k times larger, pixels repeated (default: the dataset's, "
+                            "digits 4, others 1)")
         if name == "interpolate":
             p.add_argument("--n_rows", type=int, default=4, help="pairs of endpoints")
             p.add_argument("--n_steps", type=int, default=8, help="images per row")
@@ -107,7 +110,7 @@ def _student(args, cfg):
 def cmd_figures(args, cfg) -> None:
     from tqdm import tqdm
 
-    from utils.images import grid_side, save_png, tile_position
+    from utils.images import grid_side, save_png, tile_position, zoom
     from utils.sampling import sample_batches
     folder = writable_dir(args.savedir)
     sample = _student(args, cfg)
@@ -124,7 +127,7 @@ def cmd_figures(args, cfg) -> None:
         bar.update(len(idx))
     bar.close()
     path = next_free(folder, f"{cfg.name}_figure")
-    save_png(path, grid)
+    save_png(path, zoom(grid, args.zoom or cfg.figure_zoom))
     print(f"wrote {path} ({side}x{side} grid of {args.n_images} samples)")
 
 
@@ -155,7 +158,7 @@ def cmd_tofolder(args, cfg) -> None:
 
 
 def cmd_interpolate(args, cfg) -> None:
-    from utils.images import make_grid, save_png, to_uint8
+    from utils.images import make_grid, save_png, to_uint8, zoom
     from utils.sampling import noise_for, slerp
     folder = writable_dir(args.savedir)
     sample = _student(args, cfg)
@@ -165,7 +168,7 @@ def cmd_interpolate(args, cfg) -> None:
     images = np.concatenate([to_uint8(sample(z[i:i + args.batch_size]).numpy())
                              for i in range(0, len(z), args.batch_size)])
     path = next_free(folder, f"{cfg.name}_interpolation")
-    save_png(path, make_grid(images, side=args.n_steps))
+    save_png(path, zoom(make_grid(images, side=args.n_steps), args.zoom or cfg.figure_zoom))
     print(f"wrote {path} ({args.n_rows} rows of {args.n_steps})")
 
 
@@ -283,7 +286,7 @@ COMMANDS = {"figures": cmd_figures, "tofolder": cmd_tofolder, "interpolate": cmd
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = get_config(args.dataset)
-    for name in ("n_images", "batch_size", "n_rows", "n_steps", "repeats"):
+    for name in ("n_images", "batch_size", "n_rows", "n_steps", "repeats", "zoom"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
             raise UserError(f"--{name} must be positive")
     COMMANDS[args.command](args, cfg)

@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam_epsilon", type=float, help="Adam epsilon")
     t.add_argument("--ema_decay", type=float, help="EMA decay of the weights")
     t.add_argument("--loss", choices=["l1", "l2"], help="l1 (cifar10) or l2 (others)")
-    t.add_argument("--ckpt_every", type=int, default=2000,
-                   help="steps between checkpoints (also at each epoch end)")
+    t.add_argument("--ckpt_every", type=int, default=None,
+                   help="steps between checkpoints (student: default 2000, and at each epoch end; "
+                        "teacher: default a tenth of its steps, at most 2000)")
     t.add_argument("--n_eval", type=int, default=None,
                    help="held-out pairs scored at each checkpoint (default: all)")
     t.add_argument("--bf16", action="store_true",
@@ -128,7 +129,7 @@ def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str
     print(f"teacher: training a DDPM on {len(images):,} {name} images")
     return train_teacher(cfg, images, strategy, args.savedir, seed=args.seed,
                          steps=args.teacher_steps, xla=args.xla, progress=not args.no_progress,
-                         source=f"DDPM trained on {name}")
+                         source=f"DDPM trained on {name}", ckpt_every=args.ckpt_every)
 
 
 def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_path: str) -> str:
@@ -174,7 +175,7 @@ def student_settings(args: argparse.Namespace, cfg: DatasetConfig) -> dict:
             "epsilon": pick(args.adam_epsilon, tr.epsilon),
             "ema_decay": pick(args.ema_decay, tr.ema_decay), "loss": pick(args.loss, tr.loss),
             "seed": args.seed, "student_t": tr.student_t, "bf16": args.bf16, "xla": args.xla,
-            "ckpt_every": args.ckpt_every, "n_eval": args.n_eval}
+            "ckpt_every": pick(args.ckpt_every, 2000), "n_eval": args.n_eval}
 
 
 def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder: str,
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_config(args.dataset)
     from utils.strategy import make_strategy
 
-    for name in ("n_examples", "shard_size", "gen_batch_size", "batch_size", "teacher_steps"):
+    for name in ("n_examples", "shard_size", "gen_batch_size", "batch_size", "teacher_steps",
+                 "ckpt_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive")
     strategy = make_strategy(args.tpu, args.devices, args.cpu_replicas)

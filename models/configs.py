@@ -84,6 +84,7 @@ class DatasetConfig:
     family: str = "ddpm"  # "ddpm" (official TF1 names) or "ddim" (PyTorch state_dict order)
     teacher_train: TeacherTrainConfig | None = None  # set where we train the teacher ourselves
     description: str = ""
+    figure_zoom: int = 1  # eval.py figures/interpolate: pixel repeat of the saved grid (--zoom)
     extra: dict = field(default_factory=dict)
 
     def replace(self, **sections) -> "DatasetConfig":
@@ -158,6 +159,7 @@ CONFIGS: dict[str, DatasetConfig] = {
         teacher_train=TeacherTrainConfig(batch_size=64, lr=1e-3, warmup_steps=200, steps=3000,
                                          ema_decay=0.999),
         description="scikit-learn's 8x8 handwritten digits, grayscale; the embedded demo",
+        figure_zoom=4,  # 8x8 tiles are too small to see; the grid is saved at 4x, pixels repeated
     ),
     # A tiny configuration for CPU tests: same architecture family, two levels, attention on.
     "tiny": DatasetConfig(

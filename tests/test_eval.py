@@ -57,6 +57,12 @@ def test_grid_tiles_are_the_seeded_samples_and_never_overwritten(student, tmp_pa
     again = figures(tmp_path, student, "--n_images", "10", "--batch_size", "7", "--seed", "3")
     assert again.returncode == 0, again.stderr
     assert open(tmp_path / "tiny_figure_1.png", "rb").read() == open(tmp_path / "tiny_figure_0.png", "rb").read()
+    zoomed = figures(tmp_path, student, "--n_images", "10", "--seed", "3", "--zoom", "3")
+    assert zoomed.returncode == 0, zoomed.stderr
+    big = png(tmp_path / "tiny_figure_2.png")
+    rows, cols = np.arange(big.shape[0]) // 3, np.arange(big.shape[1]) // 3
+    assert big.shape == (3 * grid.shape[0], 3 * grid.shape[1], 3)
+    assert np.array_equal(big, grid[rows[:, None], cols[None, :]])  # pixel (y, x) = grid (y//3, x//3)
 
 
 def test_released_h5_student_samples_like_its_conversion(tmp_path):
@@ -131,6 +137,7 @@ def test_bad_inputs_are_one_line_errors(student, tmp_path, capsys):
     cases = [
         (["figures", tmp_path, "imagenet"], "invalid choice: 'imagenet'"),
         (["figures", tmp_path, "tiny", "--n_images", "0"], "--n_images must be positive"),
+        (["figures", tmp_path, "tiny", "--zoom", "0"], "--zoom must be positive"),
         (["figures", tmp_path / "file", "tiny", "--model_dir", student], "is a file, not a directory"),
         (["figures", tmp_path, "digits", "--model_dir", student], "holds tiny weights, not digits"),
         (["figures", tmp_path, "cifar10", "--model_dir", tmp_path / "none"], "no cifar10 student"),

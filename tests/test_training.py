@@ -185,6 +185,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
     cases = [
         (train_args(base, teacher, tmp_path / "file"), "is a file, not a directory"),
         (train_args(base, teacher, tmp_path / "b", "--batch_size", "0"), "--batch_size must be positive"),
+        (train_args(base, teacher, tmp_path / "e", "--ckpt_every", "0"), "--ckpt_every must be positive"),
         (train_args(base, teacher, tmp_path / "c", "--grad_accum", "3"), "not divisible"),
         (["training.py", "tiny", tmp_path / "d", "--datadir", tmp_path / "none", "--no_generate"],
          "no pair set"),

@@ -31,6 +31,11 @@ def make_grid(images: np.ndarray, gutter: int = 1, side: int | None = None) -> n
     return out
 
 
+def zoom(image: np.ndarray, k: int) -> np.ndarray:
+    """Nearest-neighbour upscaling [H, W, C] -> [kH, kW, C]: each pixel becomes a k x k block."""
+    return image if k == 1 else np.repeat(np.repeat(image, k, axis=0), k, axis=1)
+
+
 def tile_position(i: int, side: int, h: int, w: int, gutter: int = 1) -> tuple[int, int]:
     """Top-left pixel of tile i in a grid made by make_grid."""
     r, c = divmod(i, side)

@@ -47,8 +47,10 @@ def trained_teacher(savedir: str) -> str | None:
 
 def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribute.Strategy,
                   savedir: str, seed: int = 0, steps: int | None = None, xla: bool = True,
-                  progress: bool = True, source: str = "") -> str:
-    """Train (or resume training) the teacher; returns the folder of its exported EMA weights."""
+                  progress: bool = True, source: str = "", ckpt_every: int | None = None) -> str:
+    """Train (or resume training) the teacher; returns the folder of its exported EMA weights.
+    Checkpoints (with a DDIM sample grid) come every `ckpt_every` steps; by default ten times a
+    run, at most 2000 steps apart."""
     tt = cfg.teacher_train
     chief = worker_info()[0] == 0
     run_dir = os.path.join(savedir, TEACHER_RUN)
@@ -89,7 +91,8 @@ def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribut
             strategy, lambda w, n: teacher_batches(images, tt.batch_size, epoch, seed, start, (w, n),
                                                    cfg.sampler.num_timesteps), specs)
     step = run_loop(trainer, total_steps=total, steps_per_epoch=per_epoch, epoch_data=epoch_data,
-                    ckpt_every=max(total // 10, 1), on_checkpoint=checkpoint, logger=logger,
+                    ckpt_every=ckpt_every or min(max(total // 10, 1), 2000),
+                    on_checkpoint=checkpoint, logger=logger,
                     desc=f"teacher ({cfg.name})", progress=progress and chief,
                     ckpt_at_epoch_end=False)  # small data sets make epochs of a few steps
     out = os.path.join(savedir, TEACHER_DIR)
