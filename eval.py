@@ -92,7 +92,7 @@ def next_free(folder: str, stem: str) -> str:
     return os.path.join(folder, f"{stem}_{k}.png")
 
 
-def _student(args, cfg):
+def _sampler(args, cfg):
     """The sampling function: the student's one step, or (--sampler teacher) the DDIM loop."""
     from utils.sampling import load_student, student_fn, teacher_fn
     if args.sampler == "teacher":
@@ -113,7 +113,7 @@ def cmd_figures(args, cfg) -> None:
     from utils.images import grid_side, save_png, tile_position, zoom
     from utils.sampling import sample_batches
     folder = writable_dir(args.savedir)
-    sample = _student(args, cfg)
+    sample = _sampler(args, cfg)
     res, side, gutter = cfg.network.resolution, grid_side(args.n_images), 1
     rows = -(-args.n_images // side)
     grid = np.full((rows * (res + gutter) - gutter, side * (res + gutter) - gutter,
@@ -147,7 +147,7 @@ def cmd_tofolder(args, cfg) -> None:
     if len(todo) == 0:
         print(f"all {args.n_images} images already in {folder}")
         return
-    sample = _student(args, cfg)
+    sample = _sampler(args, cfg)
     bar = tqdm(total=args.n_images, initial=args.n_images - len(todo), unit="img")
     for idx, images in sample_batches(sample, cfg, todo, args.batch_size, args.seed):
         for i, img in zip(idx, images):
@@ -161,7 +161,7 @@ def cmd_interpolate(args, cfg) -> None:
     from utils.images import make_grid, save_png, to_uint8, zoom
     from utils.sampling import noise_for, slerp
     folder = writable_dir(args.savedir)
-    sample = _student(args, cfg)
+    sample = _sampler(args, cfg)
     ends = noise_for(np.arange(2 * args.n_rows), cfg, args.seed).numpy()
     w = np.linspace(0.0, 1.0, args.n_steps)
     z = np.concatenate([slerp(ends[2 * r], ends[2 * r + 1], w) for r in range(args.n_rows)])
@@ -185,7 +185,7 @@ def cmd_fid(args, cfg) -> None:
                    for i in range(0, len(files), args.batch_size))
         images, total = (np.stack(b) for b in batches), len(files)
     else:
-        sample = _student(args, cfg)
+        sample = _sampler(args, cfg)
         images = (b for _, b in sample_batches(sample, cfg, np.arange(args.n_images),
                                                args.batch_size, args.seed))
         total = args.n_images

@@ -18,7 +18,7 @@ from utils.cli import UserError, quiet_tensorflow, run, writable_dir
 
 quiet_tensorflow()
 
-from models.configs import CONFIGS, DatasetConfig, get_config  # noqa: E402
+from models.configs import CKPT_EVERY, CONFIGS, DatasetConfig, get_config  # noqa: E402
 
 DEFAULT_TEACHER_DIRS = ("./teachers", "./official_models", "./Original_Models")
 
@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema_decay", type=float, help="EMA decay of the weights")
     t.add_argument("--loss", choices=["l1", "l2"], help="l1 (cifar10) or l2 (others)")
     t.add_argument("--ckpt_every", type=int, default=None,
-                   help="steps between checkpoints (student: default 2000, and at each epoch end; "
-                        "teacher: default a tenth of its steps, at most 2000)")
+                   help=f"steps between checkpoints (student: default {CKPT_EVERY}, and at each "
+                        f"epoch end; teacher: default a tenth of its steps, at most {CKPT_EVERY})")
     t.add_argument("--n_eval", type=int, default=None,
                    help="held-out pairs scored at each checkpoint (default: all)")
     t.add_argument("--bf16", action="store_true",
@@ -175,7 +175,7 @@ def student_settings(args: argparse.Namespace, cfg: DatasetConfig) -> dict:
             "epsilon": pick(args.adam_epsilon, tr.epsilon),
             "ema_decay": pick(args.ema_decay, tr.ema_decay), "loss": pick(args.loss, tr.loss),
             "seed": args.seed, "student_t": tr.student_t, "bf16": args.bf16, "xla": args.xla,
-            "ckpt_every": pick(args.ckpt_every, 2000), "n_eval": args.n_eval}
+            "ckpt_every": pick(args.ckpt_every, CKPT_EVERY), "n_eval": args.n_eval}
 
 
 def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder: str,

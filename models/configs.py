@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+CKPT_EVERY = 2000  # default steps between checkpoints: the student's, and the teacher's at most
+
 
 @dataclass(frozen=True)
 class NetworkConfig:

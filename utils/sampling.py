@@ -26,16 +26,21 @@ RELEASE = ("denoising_student_models.zip from the original release "
            "(https://drive.google.com/file/d/1tW5t3W4wqE5f0NXaaiYuFK_2JOBrf9cY)")
 
 
+def shipped(cfg: DatasetConfig, role: str) -> str | None:
+    """models/pretrained/{dataset}/{role} ("student", "teacher") if the repository ships it."""
+    folder = os.path.join(PRETRAINED, cfg.name, role)
+    return folder if os.path.isdir(folder) else None
+
+
 def default_model_dir(cfg: DatasetConfig) -> str:
-    shipped = os.path.join(PRETRAINED, cfg.name, "student")
-    return shipped if os.path.isdir(shipped) else ORIGINAL_DIR
+    return shipped(cfg, "student") or ORIGINAL_DIR
 
 
 def default_teacher(cfg: DatasetConfig) -> str:
-    shipped = os.path.join(PRETRAINED, cfg.name, "teacher")
-    if not os.path.isdir(shipped):
+    folder = shipped(cfg, "teacher")
+    if folder is None:
         raise WeightsError(f"no shipped {cfg.name} teacher: pass --model_dir with teacher weights")
-    return shipped
+    return folder
 
 
 def find_student(model_dir: str, cfg: DatasetConfig) -> str:

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from models.configs import DatasetConfig
+from models.configs import CKPT_EVERY, DatasetConfig
 from models.diffusion import alpha_bars, ddim_plan, ddim_sample, ddpm_loss
 from models.unet import UNet
 from models.weights import META_FILE, save_converted
@@ -50,7 +50,7 @@ def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribut
                   progress: bool = True, source: str = "", ckpt_every: int | None = None) -> str:
     """Train (or resume training) the teacher; returns the folder of its exported EMA weights.
     Checkpoints (with a DDIM sample grid) come every `ckpt_every` steps; by default ten times a
-    run, at most 2000 steps apart."""
+    run, at most CKPT_EVERY steps apart."""
     tt = cfg.teacher_train
     chief = worker_info()[0] == 0
     run_dir = os.path.join(savedir, TEACHER_RUN)
@@ -91,7 +91,7 @@ def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribut
             strategy, lambda w, n: teacher_batches(images, tt.batch_size, epoch, seed, start, (w, n),
                                                    cfg.sampler.num_timesteps), specs)
     step = run_loop(trainer, total_steps=total, steps_per_epoch=per_epoch, epoch_data=epoch_data,
-                    ckpt_every=ckpt_every or min(max(total // 10, 1), 2000),
+                    ckpt_every=ckpt_every or min(max(total // 10, 1), CKPT_EVERY),
                     on_checkpoint=checkpoint, logger=logger,
                     desc=f"teacher ({cfg.name})", progress=progress and chief,
                     ckpt_at_epoch_end=False)  # small data sets make epochs of a few steps
