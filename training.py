@@ -2,10 +2,11 @@
 
     python training.py cifar10 ./ckpt                     # pairs (if missing), then the student
     python training.py cifar10 ./ckpt --generate_only     # stage 1 only: the teacher's pairs
-    python training.py digits ./ckpt                      # the whole method on a laptop CPU
+    python training.py digits ./ckpt                      # distil the shipped digits teacher (CPU)
+    python training.py digits ./ckpt --teacher_dataset digits   # train the teacher too (~1 h)
 
-Stage 0 (datasets without a pretrained teacher, or --teacher_dataset) trains a DDPM teacher on
-real images into SAVEDIR/teacher. Stage 1 writes the teacher's (X_T, F_teacher(X_T)) pairs to --datadir (default ./datasets/DATASET)
+Stage 0 (--teacher_dataset, or a dataset with neither a pretrained nor a shipped teacher) trains a
+DDPM teacher on real images into SAVEDIR/teacher. Stage 1 writes the teacher's (X_T, F_teacher(X_T)) pairs to --datadir (default ./datasets/DATASET)
 and never regenerates what is complete; stage 2 trains the student on them under the chosen
 tf.distribute strategy. Everything resumes where it stopped when run again with the same command.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 
 from utils.cli import UserError, quiet_tensorflow, run, writable_dir
 
@@ -88,15 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy=None) -> str:
-    """--teacher; else a teacher trained in SAVEDIR (stage 0, trained now if this dataset has no
-    pretrained one); else the official weights in the default folders."""
+    """--teacher; else with --teacher_dataset a teacher trained in SAVEDIR (stage 0, trained now if
+    not there yet); else the teacher shipped in models/pretrained (digits); else stage 0 for a
+    dataset with teacher-training settings; else the official weights in the default folders."""
+    from utils.sampling import shipped
     from utils.teacher import trained_teacher
     if args.teacher:
         if not os.path.exists(args.teacher) and not os.path.exists(args.teacher + ".index"):
             raise UserError(f"teacher not found: {args.teacher}")
         return args.teacher
-    if args.teacher_dataset or cfg.teacher_train:
+    if args.teacher_dataset or (cfg.teacher_train and not shipped(cfg, "teacher")):
         return trained_teacher(args.savedir) or stage_teacher(args, cfg, strategy)
+    if shipped(cfg, "teacher"):
+        return shipped(cfg, "teacher")
     candidates = [os.path.join(DEFAULT_TEACHER_DIRS[0], cfg.name),
                   os.path.join(DEFAULT_TEACHER_DIRS[1], cfg.teacher_file),
                   os.path.join(DEFAULT_TEACHER_DIRS[2], f"model_tf2_{cfg.name}.h5")]
@@ -129,7 +136,8 @@ def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str
     print(f"teacher: training a DDPM on {len(images):,} {name} images")
     return train_teacher(cfg, images, strategy, args.savedir, seed=args.seed,
                          steps=args.teacher_steps, xla=args.xla, progress=not args.no_progress,
-                         source=f"DDPM trained on {name}", ckpt_every=args.ckpt_every)
+                         source=f"DDPM teacher trained on {name}", command=args.command,
+                         ckpt_every=args.ckpt_every)
 
 
 def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_path: str) -> str:
@@ -184,11 +192,20 @@ def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder
     writable_dir(args.savedir, "SAVEDIR")
     settings = student_settings(args, cfg)
     train_student(cfg, settings, strategy, folder, teacher_path, args.savedir,
-                  raw_teacher=args.raw_teacher, progress=not args.no_progress)
+                  raw_teacher=args.raw_teacher, progress=not args.no_progress,
+                  command=args.command)
+
+
+def recorded_command(argv: list[str], savedir: str) -> str:
+    """The command as typed, SAVEDIR left symbolic: weights.json says how its weights were made
+    without naming a folder of the machine that made them."""
+    return shlex.join(["python", "training.py"] + ["SAVEDIR" if a == savedir else a for a in argv])
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command = recorded_command(argv, args.savedir)
     cfg = get_config(args.dataset)
     from utils.strategy import make_strategy
 

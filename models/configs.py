@@ -69,6 +69,7 @@ class TeacherTrainConfig:
     warmup_steps: int
     steps: int
     ema_decay: float
+    lr_decay: str = "constant"  # "constant" after the warmup, or "cosine" to zero at the last step
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-8
@@ -158,7 +159,7 @@ CONFIGS: dict[str, DatasetConfig] = {
                           beta_2=0.98, epsilon=1e-8, ema_decay=0.995, epochs=12),
         teacher="DDPM trained here on scikit-learn's digits (shipped in models/pretrained)",
         teacher_file="",
-        teacher_train=TeacherTrainConfig(batch_size=64, lr=1e-3, warmup_steps=200, steps=3000,
+        teacher_train=TeacherTrainConfig(batch_size=64, lr=1e-3, warmup_steps=200, steps=12_000,
                                          ema_decay=0.999),
         description="scikit-learn's 8x8 handwritten digits, grayscale; the embedded demo",
         figure_zoom=4,  # 8x8 tiles are too small to see; the grid is saved at 4x, pixels repeated

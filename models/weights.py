@@ -46,12 +46,14 @@ class Weights:
     dataset: str | None = None
     sha256: str | None = None
     ignored: list[str] = field(default_factory=list)
+    command: str | None = None  # the command that made them (ours), SAVEDIR left symbolic
 
     def describe(self) -> str:
         ema = {True: "EMA", False: "raw", None: "as stored"}[self.ema]
-        step = f", step {self.step}" if self.step is not None else ""
-        return (f"{self.format} {self.source} ({ema} weights{step}, {len(self.params)} tensors, "
-                f"GroupNorm eps {self.gn_eps:g}; ignored {len(self.ignored)} other entries)")
+        step = f", step {self.step:,}" if self.step is not None else ""
+        made = f", made by `{self.command}`" if self.command else ""
+        return (f"{self.source} ({self.format}, {ema} weights{step}{made}; {len(self.params)} "
+                f"tensors, GroupNorm eps {self.gn_eps:g}; ignored {len(self.ignored)} other entries)")
 
 
 # -- format detection ----------------------------------------------------------------------------
@@ -328,7 +330,7 @@ def read_converted(out_dir: str) -> Weights:
         raise WeightsError(f"{out_dir}: unreadable converted checkpoint ({_first_line(e)})") from None
     return Weights(params, float(meta["gn_eps"]), meta.get("source", out_dir), "converted",
                    ema=meta.get("ema"), step=meta.get("step"), dataset=meta.get("dataset"),
-                   sha256=meta.get("sha256"))
+                   sha256=meta.get("sha256"), command=meta.get("command"))
 
 
 # -- putting weights into a network ----------------------------------------------------------------

@@ -120,3 +120,29 @@ def test_training_is_deterministic_given_the_seed():
         np.testing.assert_array_equal(wa, wb)
     c = dc.train_classifier(seed=4, epochs=1)
     assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])
+
+
+def test_quality_measures_against_brute_force(model):
+    """nearest_distances, class_shares and confident_share re-derived with plain loops."""
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 256, (13, 8, 8, 1), dtype=np.uint8)
+    b = rng.integers(0, 256, (21, 8, 8, 1), dtype=np.uint8)
+    fa, fb = a.astype(np.float64) / 127.5 - 1, b.astype(np.float64) / 127.5 - 1
+    want = [min(np.sqrt(((x - y) ** 2).sum()) for y in fb) for x in fa]
+    np.testing.assert_allclose(dc.nearest_distances(a, b), want, rtol=1e-5)
+    assert dc.nearest_distances(b[:5], b).max() < 1e-6  # an image in the reference: distance 0
+    probs = dc.class_probabilities(a, model)
+    logits = np.asarray(model(fa.astype(np.float32), training=False), np.float64)
+    soft = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(probs, soft / soft.sum(1, keepdims=True), atol=1e-5)
+    counts = [sum(1 for p in probs if int(np.argmax(p)) == k) / len(probs) for k in range(10)]
+    np.testing.assert_allclose(dc.class_shares(probs), counts)
+    assert dc.confident_share(probs, 0.5) == np.mean([p.max() > 0.5 for p in probs])
+
+
+def test_confidence_separates_real_digits_from_noise(model):
+    """The threshold's purpose: most held-out real digits pass it, uniform noise rarely does."""
+    x, _ = _sklearn_test_split()
+    noise = np.random.default_rng(0).integers(0, 256, (500, 8, 8, 1), dtype=np.uint8)
+    real = dc.confident_share(dc.class_probabilities(to_uint8(x), model))
+    assert real > 0.7 and dc.confident_share(dc.class_probabilities(noise, model)) < 0.15

@@ -13,7 +13,8 @@ from tests.helpers import run_cli
 @pytest.mark.slow
 def test_digits_end_to_end(tmp_path):
     run, pairs = tmp_path / "run", tmp_path / "pairs"
-    r = run_cli("training.py", "digits", str(run), "--datadir", str(pairs), "--teacher_steps", "100",
+    r = run_cli("training.py", "digits", str(run), "--datadir", str(pairs), "--teacher_dataset",
+                "digits", "--teacher_steps", "100",
                 "--n_examples", "384", "--shard_size", "128", "--n_test", "64", "--epochs", "2",
                 "--ckpt_every", "50", "--no_progress")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -21,7 +22,10 @@ def test_digits_end_to_end(tmp_path):
     teacher_log = [json.loads(x) for x in open(run / "teacher_run" / "logs" / "scalars.jsonl")]
     losses = [e["train_loss"] for e in teacher_log if "train_loss" in e]
     assert [e["step"] for e in teacher_log] == [50, 100] and losses[-1] < losses[0]
-    assert json.load(open(run / "teacher" / "weights.json"))["dataset"] == "digits"
+    meta = json.load(open(run / "teacher" / "weights.json"))
+    assert meta["dataset"] == "digits" and meta["step"] == 100
+    # provenance is portable: the command with SAVEDIR symbolic, no folder of this machine
+    assert meta["command"].startswith("python training.py digits SAVEDIR --datadir")
     # stage 1: a complete pair set of the requested size
     manifest = json.load(open(pairs / "manifest.json"))
     assert manifest["n_examples"] == 384 and len(manifest["files"]) == 2 * (3 + 1)
@@ -32,6 +36,9 @@ def test_digits_end_to_end(tmp_path):
     held = [e["heldout_loss"] for e in log if "heldout_loss" in e]
     assert log[-1]["step"] == 12 and min(held) < held[0]
     assert os.path.exists(run / "best" / "weights.json")
+    for folder in ("teacher", "best", "last"):
+        assert str(run) not in open(run / folder / "weights.json").read()
+    assert json.load(open(run / "best" / "weights.json"))["command"] == meta["command"]
     # evaluation of what was trained
     r = run_cli("eval.py", "figures", str(tmp_path / "fig"), "digits", "--n_images", "49",
                 "--model_dir", str(run))
@@ -44,7 +51,8 @@ def test_digits_end_to_end(tmp_path):
     assert np.isfinite(float(r.stdout.split("digits):")[-1].split()[0]))
     # running the same command again finds everything complete and changes nothing
     before = open(run / "best" / "weights.data-00000-of-00001", "rb").read()
-    r = run_cli("training.py", "digits", str(run), "--datadir", str(pairs), "--teacher_steps", "100",
+    r = run_cli("training.py", "digits", str(run), "--datadir", str(pairs), "--teacher_dataset",
+                "digits", "--teacher_steps", "100",
                 "--n_examples", "384", "--shard_size", "128", "--n_test", "64", "--epochs", "2",
                 "--ckpt_every", "50", "--no_progress")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -65,6 +65,21 @@ def one_update(batch, accum, tmp):
         {k: v.numpy() for k, v in official_variables(trainer.ema).items()}
 
 
+@pytest.mark.parametrize("decay_steps", [0, 50])
+def test_learning_rate_schedule_is_warmup_then_constant_or_cosine(decay_steps):
+    """Against the closed forms: lr (s+1)/W during the warmup, then lr, or with decay_steps D
+    lr (1 + cos(pi (s+1-W)/(D-W)))/2, reaching 0 at D and staying there."""
+    from utils.train_loop import LinearWarmup
+    lr, warmup = 1e-3, 10
+    schedule = LinearWarmup(lr, warmup, decay_steps)
+    for s in [0, 4, 9, 10, 20, 30, 49, 60]:
+        want = lr * min(1.0, (s + 1) / warmup)
+        if decay_steps and s + 1 > warmup:
+            done = min((s + 1 - warmup) / (decay_steps - warmup), 1.0)
+            want = lr * 0.5 * (1 + np.cos(np.pi * done))
+        assert float(schedule(s)) == pytest.approx(want, rel=1e-5, abs=1e-12), s
+
+
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):
     loss1, w1, e1 = one_update(8, 1, tmp_path / "a")
     loss4, w4, e4 = one_update(8, 4, tmp_path / "b")

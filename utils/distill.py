@@ -49,7 +49,7 @@ def heldout_scorer(model: UNet, pairs, kind: str, limit: int | None, batch: int 
 
 def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy, datadir: str,
                   teacher_path: str, savedir: str, raw_teacher: bool = False,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, command: str | None = None) -> dict:
     worker, n_workers = worker_info()
     chief = worker == 0
     shape = (cfg.network.resolution, cfg.network.resolution, cfg.network.in_ch)
@@ -93,8 +93,10 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
         grid = make_grid(to_uint8(sample(noise).numpy()))
         if not chief:
             return
-        meta = {"dataset": cfg.name, "source": os.path.abspath(savedir), "step": step,
-                "ema": True, "heldout_loss": loss, "teacher": teacher_path,
+        # Portable provenance: what the weights are and the command, not this machine's folders.
+        meta = {"dataset": cfg.name, "source": f"Denoising Student distilled from {weights.source}",
+                "command": command, "step": step, "ema": True, "heldout_loss": loss,
+                "teacher": weights.source, "teacher_step": weights.step,
                 "teacher_sha256": weights.sha256}
         save_converted(trainer.ema, os.path.join(savedir, "last"), meta, replace=True)
         if loss < float(trainer.best_heldout.numpy()):

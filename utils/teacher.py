@@ -47,17 +47,20 @@ def trained_teacher(savedir: str) -> str | None:
 
 def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribute.Strategy,
                   savedir: str, seed: int = 0, steps: int | None = None, xla: bool = True,
-                  progress: bool = True, source: str = "", ckpt_every: int | None = None) -> str:
+                  progress: bool = True, source: str = "", ckpt_every: int | None = None,
+                  command: str | None = None) -> str:
     """Train (or resume training) the teacher; returns the folder of its exported EMA weights.
     Checkpoints (with a DDIM sample grid) come every `ckpt_every` steps; by default ten times a
     run, at most CKPT_EVERY steps apart."""
     tt = cfg.teacher_train
     chief = worker_info()[0] == 0
+    source = source or "DDPM teacher trained by training.py"
+    provenance = {"dataset": cfg.name, "ema": True, "source": source, "command": command}
     run_dir = os.path.join(savedir, TEACHER_RUN)
     total = steps or tt.steps
     replicas = strategy.num_replicas_in_sync
     opt = OptimConfig(tt.lr, tt.warmup_steps, tt.beta_1, tt.beta_2, tt.epsilon, tt.ema_decay,
-                      tt.batch_size)
+                      tt.batch_size, decay_steps=total if tt.lr_decay == "cosine" else 0)
     abar = tf.constant(alpha_bars(cfg.sampler), tf.float32)
     trainer = Trainer(strategy, lambda: UNet(cfg.network), opt,
                       lambda m, x0, eps, t, step: ddpm_loss(m, x0, eps, t, abar), run_dir, xla=xla)
@@ -83,7 +86,7 @@ def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribut
         save_png(os.path.join(run_dir, "samples", f"step_{step:07d}.png"), grid)
         logger.image(step, "teacher_ddim_samples", grid)
         save_converted(trainer.ema, os.path.join(run_dir, "last"),
-                       {"dataset": cfg.name, "step": step, "ema": True, "source": source},
+                       {**provenance, "step": step},
                        replace=True)
 
     def epoch_data(epoch: int, start: int):
@@ -97,7 +100,5 @@ def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribut
                     ckpt_at_epoch_end=False)  # small data sets make epochs of a few steps
     out = os.path.join(savedir, TEACHER_DIR)
     if chief:
-        save_converted(trainer.ema, out, {"dataset": cfg.name, "step": step, "ema": True,
-                                          "source": source or "trained by training.py"},
-                       replace=True)
+        save_converted(trainer.ema, out, {**provenance, "step": step}, replace=True)
     return out

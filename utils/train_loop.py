@@ -34,21 +34,28 @@ class OptimConfig:
     ema_decay: float
     global_batch: int  # examples per optimizer update (all replicas, all accumulation steps)
     grad_accum: int = 1
+    decay_steps: int = 0  # > 0: cosine decay to zero at this step after the warmup; 0: constant
 
 
 @keras.saving.register_keras_serializable("denoising_student")
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
-    """lr * min(1, (step + 1) / warmup): linear warmup, then constant (no decay), as the original."""
+    """lr * min(1, (step + 1) / warmup): linear warmup, then constant (the original's student), or
+    with decay_steps > 0 a cosine decay from lr at the end of the warmup to 0 at decay_steps."""
 
-    def __init__(self, lr: float, warmup_steps: int):
-        self.lr, self.warmup_steps = lr, warmup_steps
+    def __init__(self, lr: float, warmup_steps: int, decay_steps: int = 0):
+        self.lr, self.warmup_steps, self.decay_steps = lr, warmup_steps, decay_steps
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32) + 1.0
-        return self.lr * tf.minimum(1.0, step / max(self.warmup_steps, 1))
+        lr = self.lr * tf.minimum(1.0, step / max(self.warmup_steps, 1))
+        if self.decay_steps > 0:
+            span = max(self.decay_steps - self.warmup_steps, 1)
+            done = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+            lr *= 0.5 * (1.0 + tf.cos(math.pi * done))
+        return lr
 
     def get_config(self):
-        return {"lr": self.lr, "warmup_steps": self.warmup_steps}
+        return {"lr": self.lr, "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps}
 
 
 LossFn = Callable[..., tf.Tensor]
@@ -69,7 +76,8 @@ class Trainer:
         with strategy.scope():
             self.model, self.ema = make_model(), make_model()
             self.variables = self.model.trainable_variables
-            self.optimizer = keras.optimizers.Adam(LinearWarmup(opt.lr, opt.warmup_steps),
+            self.optimizer = keras.optimizers.Adam(LinearWarmup(opt.lr, opt.warmup_steps,
+                                                                opt.decay_steps),
                                                    beta_1=opt.beta_1, beta_2=opt.beta_2,
                                                    epsilon=opt.epsilon)
             self.optimizer.build(self.variables)  # slots exist before restore and the first step

@@ -1,0 +1,142 @@
+"""How good are the digits models? One table, one run: real digits, the teacher (deterministic DDIM
+at 49 network calls and more, and ancestral sampling), and the one-step student.
+
+Columns (all from the shipped digits classifier, utils/digit_classifier.py, trained on real digits):
+  FD          Frechet distance of classifier features against the 360 held-out real digits
+  /floor      FD over the real-vs-real floor (the 1,437 training digits against the same 360)
+  confident   share of images given one class with probability > 0.999 (held-out real: 79%)
+  classes     smallest and largest share of images per predicted class (balanced: 10% each)
+  NN median   median distance from an image to its nearest training digit (pixels in [-1, 1])
+  < p5 real   share of images nearer to the training set than the closest 5% of held-out real
+              digits are (about 5% if the model does not copy; far more if it memorises)
+
+Every model row uses the same noise (seed, index), so teacher and student draw the "same" digits.
+
+    python bench/digits_quality.py                                   # shipped teacher and student
+    python bench/digits_quality.py --teacher RUN/teacher --student RUN --steps 100 200
+    python bench/digits_quality.py --teacher RUN/teacher_run/last --no_student --ancestral 0
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.cli import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from models.configs import SamplerConfig, get_config  # noqa: E402
+from models.diffusion import ddim_plan, ddim_sample  # noqa: E402
+from models.weights import load_unet  # noqa: E402
+from utils import digit_classifier as dc  # noqa: E402
+from utils.sampling import default_teacher, load_student, sample_batches, student_fn  # noqa: E402
+
+CFG = get_config("digits")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default=None, help="teacher weights (default: the shipped teacher)")
+    p.add_argument("--student", default=None, help="student weights or run (default: shipped)")
+    p.add_argument("--no_student", action="store_true", help="teacher rows only")
+    p.add_argument("--n", type=int, default=1437,
+                   help="samples per row (default 1,437: as many as the real training digits, so "
+                        "the FDs compare with the real-vs-real floor)")
+    p.add_argument("--steps", type=int, nargs="*", default=[200],
+                   help="extra deterministic DDIM step counts besides the sampler's own")
+    p.add_argument("--skip_type", default=None, choices=["quadratic", "uniform"],
+                   help="timestep spacing of the extra DDIM rows (default: the sampler's)")
+    p.add_argument("--ancestral", type=int, default=1000,
+                   help="steps of ancestral sampling (DDPM, eta = 1); 0 to skip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True)
+    return p.parse_args(argv)
+
+
+def plan_sampler(model, plan, xla: bool, seed: int):
+    """z -> x0 through the DDIM loop of `plan`; stochastic plans get a fresh seed each batch."""
+    fn = tf.function(lambda z, s: ddim_sample(lambda x, t: model(x, t), z, plan, s),
+                     jit_compile=xla)
+    batch_no = iter(range(1 << 30))
+    return lambda z: fn(z, tf.constant([seed, 1_000_000 * next(batch_no)], tf.int64))
+
+
+def draw(sample, n: int, seed: int) -> np.ndarray:
+    batch = math.ceil(n / math.ceil(n / 512))  # equal batches: one compilation
+    return np.concatenate([b for _, b in sample_batches(sample, CFG, np.arange(n), batch, seed)])
+
+
+class Table:
+    """Scores image sets against the real digits and prints one row each."""
+
+    def __init__(self) -> None:
+        self.train = dc.real_digits_uint8("train")
+        self.held_out = dc.real_digits_uint8("test")
+        self.floor = dc.digits_fd(self.train, "test")
+        self.p5 = np.percentile(dc.nearest_distances(self.held_out, self.train), 5)
+        print(f"{'images':34s} {'FD':>6s} {'/floor':>6s} {'confident':>9s} {'classes':>11s} "
+              f"{'NN median':>9s} {'< p5 real':>9s} {'time':>7s}")
+
+    def row(self, name: str, images: np.ndarray, seconds: float | None = None,
+            fd: bool = True, nn: bool = True) -> None:
+        probs = dc.class_probabilities(images)
+        shares = dc.class_shares(probs)
+        if fd:
+            value = dc.digits_fd(images, "test")
+            fd_text = f"{value:6.2f} {value / self.floor:5.2f}x"
+        else:
+            fd_text = f"{'-':>6s} {'-':>6s}"
+        if nn:
+            d = dc.nearest_distances(images, self.train)
+            nn_text = f"{np.median(d):9.2f} {np.mean(d < self.p5):9.1%}"
+        else:
+            nn_text = f"{'-':>9s} {'-':>9s}"
+        t = f"{seconds:6.0f}s" if seconds is not None else ""
+        print(f"{name:34s} {fd_text} {dc.confident_share(probs):9.1%} "
+              f"{shares.min():5.1%}-{shares.max():5.1%} {nn_text} {t:>7s}", flush=True)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    table = Table()
+    table.row(f"real: training digits ({len(table.train)})", table.train, nn=False)
+    table.row(f"real: held-out digits ({len(table.held_out)})", table.held_out, fd=False)
+    teacher, weights = load_unet(args.teacher or default_teacher(CFG), CFG)
+    print(f"# teacher: {weights.describe()}")
+    smp = CFG.sampler
+    plans = [(f"teacher DDIM {ddim_plan(smp).n_calls} calls", ddim_plan(smp))]
+    for steps in args.steps:
+        extra = SamplerConfig(steps=steps, skip_type=args.skip_type or smp.skip_type)
+        plans.append((f"teacher DDIM {ddim_plan(extra).n_calls} calls ({extra.skip_type})",
+                      ddim_plan(extra)))
+    if args.ancestral:
+        plan = ddim_plan(SamplerConfig(steps=args.ancestral, skip_type="uniform"), eta=1.0)
+        plans.append((f"teacher ancestral {plan.n_calls} steps", plan))
+    for name, plan in plans:
+        images, seconds = timed(lambda: draw(plan_sampler(teacher, plan, args.xla, args.seed),
+                                             args.n, args.seed))
+        table.row(name, images, seconds)
+    if not args.no_student:
+        student, weights = load_student(args.student, CFG)
+        print(f"# student: {weights.describe()}")
+        images, seconds = timed(lambda: draw(student_fn(student, args.xla), args.n, args.seed))
+        table.row("student (1 call)", images, seconds)
+    noise = np.random.default_rng(args.seed).integers(0, 256, (args.n, 8, 8, 1), dtype=np.uint8)
+    table.row("uniform noise (for scale)", noise)
+
+
+if __name__ == "__main__":
+    main()
