@@ -14,9 +14,11 @@ def quiet_tensorflow() -> None:
     """Import TensorFlow without its C++ start-up chatter (CUDA probing on CPU-only machines).
 
     That chatter is written to file descriptor 2 before logging is configured, so it is hidden by
-    pointing fd 2 at /dev/null for the import only; Python errors still surface afterwards.
+    pointing fd 2 at /dev/null for the import only; Python errors still surface afterwards. The C++
+    log level is forced, not defaulted: at a user's common 2 (or 0, 1), TensorFlow's own notes
+    (CUDA probing, oneDNN's DT_HALF, XLA start-up) read as errors of ours.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     if "tensorflow" in sys.modules:
         return
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
