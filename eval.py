@@ -138,16 +138,17 @@ def tofolder_name(i: int, n: int) -> str:
 def cmd_tofolder(args, cfg) -> None:
     from tqdm import tqdm
 
-    from utils.images import save_png
+    from utils.images import png_ok, save_png
     from utils.sampling import sample_batches
-    folder = writable_dir(args.savedir)
-    todo = np.array([i for i in range(args.n_images)
-                     if not os.path.exists(os.path.join(folder, tofolder_name(i, args.n_images)))],
-                    np.int64)
+    res = cfg.network.resolution
+    # a file that is there but does not verify (truncated, empty) is made again
+    todo = np.array([i for i in range(args.n_images) if not png_ok(
+        os.path.join(args.savedir, tofolder_name(i, args.n_images)), (res, res))], np.int64)
     if len(todo) == 0:
-        print(f"all {args.n_images} images already in {folder}")
+        print(f"all {args.n_images} images already in {args.savedir}")
         return
     sample = _sampler(args, cfg)
+    folder = writable_dir(args.savedir)
     bar = tqdm(total=args.n_images, initial=args.n_images - len(todo), unit="img")
     for idx, images in sample_batches(sample, cfg, todo, args.batch_size, args.seed):
         for i, img in zip(idx, images):
