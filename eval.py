@@ -18,7 +18,8 @@ import argparse
 import os
 import time
 
-from utils.cli import UserError, quiet_tensorflow, run, writable_dir
+from utils.cli import (Parser, UserError, existing_dir, existing_file, output_dir, positive_int,
+                       quiet_tensorflow, run, seed_int, weights_path, writable_dir)
 
 quiet_tensorflow()
 
@@ -33,10 +34,10 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser, n_images: int = 20) -> None:
-    p.add_argument("--n_images", type=int, default=n_images, help="how many images")
-    p.add_argument("--batch_size", type=int, default=20, help="images per network call")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images (bit for bit)")
-    p.add_argument("--model_dir", default=None,
+    p.add_argument("--n_images", type=positive_int, default=n_images, help="how many images")
+    p.add_argument("--batch_size", type=positive_int, default=20, help="images per network call")
+    p.add_argument("--seed", type=seed_int, default=0, help="same seed, same images (bit for bit)")
+    p.add_argument("--model_dir", default=None, type=weights_path,
                    help="training run, converted checkpoint, or folder with {dataset}_ema_model.h5")
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the network with XLA")
@@ -46,36 +47,40 @@ def _sampling_args(p: argparse.ArgumentParser, n_images: int = 20) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("figures", "a square grid of samples, {dataset}_figure_{k}.png"),
                        ("tofolder", "one PNG per sample (a killed run continues)"),
                        ("interpolate", "spherical interpolation between noise vectors")):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("savedir", metavar="DIR", help="output folder (created if missing)")
+        p.add_argument("savedir", metavar="DIR", type=output_dir,
+                       help="output folder (created if missing)")
         _dataset_arg(p)
         _sampling_args(p)
-        p.add_argument("--zoom", type=int, default=None,
+        p.add_argument("--zoom", type=positive_int, default=None,
                        help="save the grid k times larger, pixels repeated (default: the dataset's, "
                             "digits 4, others 1)")
         if name == "interpolate":
-            p.add_argument("--n_rows", type=int, default=4, help="pairs of endpoints")
-            p.add_argument("--n_steps", type=int, default=8, help="images per row")
+            p.add_argument("--n_rows", type=positive_int, default=4, help="pairs of endpoints")
+            p.add_argument("--n_steps", type=positive_int, default=8, help="images per row")
     p = sub.add_parser("fid", help="Frechet Inception Distance of samples against real images")
     _dataset_arg(p)
     _sampling_args(p, n_images=50_000)
-    p.add_argument("--images", default=None, help="folder of PNG samples (else fresh samples)")
+    p.add_argument("--images", default=None, type=existing_dir,
+                   help="folder of PNG samples (else fresh samples)")
     p.add_argument("--inception", default="classify_image_graph_def.pb",
                    help="the TTUR Inception graph (inception-2015-12-05.tgz)")
-    p.add_argument("--ref_stats", default=None, help="reference statistics .npz (mu, sigma)")
-    p.add_argument("--data_dir", default=None, help="tensorflow-datasets data_dir")
+    p.add_argument("--ref_stats", default=None, type=existing_file,
+                   help="reference statistics .npz (mu, sigma)")
+    p.add_argument("--data_dir", default=None, type=existing_dir,
+                   help="tensorflow-datasets data_dir")
     p.add_argument("--split", default="train", help="reference split (default: train)")
     p = sub.add_parser("speed", help="images/s of the student and of the DDIM teacher")
     _dataset_arg(p)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (the best counts)")
-    p.add_argument("--model_dir", default=None, help="student weights (random weights if none)")
+    p.add_argument("--batch_size", type=positive_int, default=64)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs (the best counts)")
+    p.add_argument("--model_dir", default=None, type=weights_path,
+                   help="student weights (random weights if none)")
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True)
     p = sub.add_parser("info", help="a dataset's settings, parameter count and sampler cost")
     _dataset_arg(p)
@@ -112,8 +117,8 @@ def cmd_figures(args, cfg) -> None:
 
     from utils.images import grid_side, save_png, tile_position, zoom
     from utils.sampling import sample_batches
+    sample = _sampler(args, cfg)  # before the folder: a bad --model_dir leaves nothing behind
     folder = writable_dir(args.savedir)
-    sample = _sampler(args, cfg)
     res, side, gutter = cfg.network.resolution, grid_side(args.n_images), 1
     rows = -(-args.n_images // side)
     grid = np.full((rows * (res + gutter) - gutter, side * (res + gutter) - gutter,
@@ -138,16 +143,17 @@ def tofolder_name(i: int, n: int) -> str:
 def cmd_tofolder(args, cfg) -> None:
     from tqdm import tqdm
 
-    from utils.images import save_png
+    from utils.images import png_ok, save_png
     from utils.sampling import sample_batches
-    folder = writable_dir(args.savedir)
-    todo = np.array([i for i in range(args.n_images)
-                     if not os.path.exists(os.path.join(folder, tofolder_name(i, args.n_images)))],
-                    np.int64)
+    res = cfg.network.resolution
+    # a file that is there but does not verify (truncated, empty) is made again
+    todo = np.array([i for i in range(args.n_images) if not png_ok(
+        os.path.join(args.savedir, tofolder_name(i, args.n_images)), (res, res))], np.int64)
     if len(todo) == 0:
-        print(f"all {args.n_images} images already in {folder}")
+        print(f"all {args.n_images} images already in {args.savedir}")
         return
     sample = _sampler(args, cfg)
+    folder = writable_dir(args.savedir)
     bar = tqdm(total=args.n_images, initial=args.n_images - len(todo), unit="img")
     for idx, images in sample_batches(sample, cfg, todo, args.batch_size, args.seed):
         for i, img in zip(idx, images):
@@ -160,8 +166,8 @@ def cmd_tofolder(args, cfg) -> None:
 def cmd_interpolate(args, cfg) -> None:
     from utils.images import make_grid, save_png, to_uint8, zoom
     from utils.sampling import noise_for, slerp
-    folder = writable_dir(args.savedir)
     sample = _sampler(args, cfg)
+    folder = writable_dir(args.savedir)
     ends = noise_for(np.arange(2 * args.n_rows), cfg, args.seed).numpy()
     w = np.linspace(0.0, 1.0, args.n_steps)
     z = np.concatenate([slerp(ends[2 * r], ends[2 * r + 1], w) for r in range(args.n_rows)])
@@ -285,10 +291,7 @@ COMMANDS = {"figures": cmd_figures, "tofolder": cmd_tofolder, "interpolate": cmd
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = get_config(args.dataset)
-    for name in ("n_images", "batch_size", "n_rows", "n_steps", "repeats", "zoom"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) <= 0:
-            raise UserError(f"--{name} must be positive")
+    cfg = get_config(args.dataset)  # every flag was checked by its argparse type
     COMMANDS[args.command](args, cfg)
     return 0
 

@@ -17,7 +17,9 @@ import os
 import shlex
 import sys
 
-from utils.cli import UserError, quiet_tensorflow, run, writable_dir
+from utils.cli import (Parser, UserError, existing_dir, nonempty, nonneg_int, output_dir,
+                       positive_float, positive_int, quiet_tensorflow, run, seed_int,
+                       unit_interval, weights_path, writable_dir)
 
 quiet_tensorflow()
 
@@ -27,63 +29,69 @@ DEFAULT_TEACHER_DIRS = ("./teachers", "./official_models", "./Original_Models")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", metavar="DATASET", choices=list(CONFIGS),
                    help=f"one of: {', '.join(CONFIGS)}")
-    p.add_argument("savedir", metavar="SAVEDIR", help="run directory (checkpoints, logs, samples)")
+    p.add_argument("savedir", metavar="SAVEDIR", type=output_dir,
+                   help="run directory (checkpoints, logs, samples)")
     g = p.add_argument_group("teacher and pairs (stage 1)")
-    g.add_argument("--datadir", default=None,
+    g.add_argument("--datadir", default=None, type=output_dir,
                    help="pair-set folder (default ./datasets/DATASET)")
-    g.add_argument("--teacher", default=None,
+    g.add_argument("--teacher", default=None, type=weights_path,
                    help="teacher weights: a converted folder, an official DDPM checkpoint, the DDIM "
                         ".pth or the original model_tf2_DATASET.h5 (default: looked up in "
                         f"{', '.join(DEFAULT_TEACHER_DIRS)})")
-    g.add_argument("--teacher_dataset", default=None,
+    g.add_argument("--teacher_dataset", default=None, type=nonempty,
                    help="train the teacher (stage 0) on this image set: 'digits' or a prepared "
                         "tensorflow-datasets name (default: only for datasets without a teacher)")
-    g.add_argument("--teacher_steps", type=int, help="teacher training steps (default: per dataset)")
-    g.add_argument("--data_dir", default=None, help="tensorflow-datasets data_dir")
+    g.add_argument("--teacher_steps", type=positive_int,
+                   help="teacher training steps (default: per dataset)")
+    g.add_argument("--data_dir", default=None, type=existing_dir,
+                   help="tensorflow-datasets data_dir")
     g.add_argument("--raw_teacher", action="store_true",
                    help="use the teacher's raw weights instead of its EMA weights")
-    g.add_argument("--seed", type=int, default=0, help="seed of the pair noise and of training")
-    g.add_argument("--n_examples", type=int, help="training pairs (default: per dataset)")
-    g.add_argument("--shard_size", type=int, help="pairs per shard file (default: per dataset)")
-    g.add_argument("--n_test", type=int, help="held-out pairs (default: per dataset)")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the pair noise and of training")
+    g.add_argument("--n_examples", type=positive_int, help="training pairs (default: per dataset)")
+    g.add_argument("--shard_size", type=positive_int,
+                   help="pairs per shard file (default: per dataset)")
+    g.add_argument("--n_test", type=positive_int, help="held-out pairs (default: per dataset)")
     g.add_argument("--use_fewer_lsun_examples", action="store_true",
                    help="LSUN: 204,800 pairs instead of 1,024,000")
     g.add_argument("--compact", action="store_true",
                    help="store no X (recomputed from the seed when read): a third of the disk")
-    g.add_argument("--gen_batch_size", type=int,
+    g.add_argument("--gen_batch_size", type=positive_int,
                    help="teacher batch for generation (default: twice the training batch)")
     g.add_argument("--generate_only", action="store_true", help="stop after stage 1")
     g.add_argument("--no_generate", action="store_true",
                    help="never generate: fail if the pair set is missing or incomplete")
     d = p.add_argument_group("devices")
-    d.add_argument("--tpu", default=None, help="TPU name or address: use TPUStrategy")
-    d.add_argument("--devices", nargs="*", default=None, help="GPU devices for MirroredStrategy")
-    d.add_argument("--cpu_replicas", type=int, default=1,
+    d.add_argument("--tpu", default=None, type=nonempty,
+                   help="TPU name or address: use TPUStrategy")
+    d.add_argument("--devices", nargs="*", default=None, type=nonempty,
+                   help="GPU devices for MirroredStrategy")
+    d.add_argument("--cpu_replicas", type=positive_int, default=1,
                    help="split the CPU into N logical replicas (for trying multi-replica code)")
     d.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the teacher loop and the training step with XLA")
     d.add_argument("--no_progress", action="store_true", help="no progress bars")
     t = p.add_argument_group("student training (stage 2; defaults: the paper's, per dataset)")
-    t.add_argument("--batch_size", type=int, help="global batch per optimizer update")
-    t.add_argument("--grad_accum", type=int, default=1,
+    t.add_argument("--batch_size", type=positive_int, help="global batch per optimizer update")
+    t.add_argument("--grad_accum", type=positive_int, default=1,
                    help="accumulate K micro-batches of batch_size/K per update (same update as "
                         "one step at the full batch, in 1/K of the memory)")
-    t.add_argument("--epochs", type=float, help="epochs over the training pairs")
-    t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--warmup_steps", type=int, help="linear warmup steps")
-    t.add_argument("--beta_1", type=float, help="Adam beta_1")
-    t.add_argument("--beta_2", type=float, help="Adam beta_2")
-    t.add_argument("--adam_epsilon", type=float, help="Adam epsilon")
-    t.add_argument("--ema_decay", type=float, help="EMA decay of the weights")
+    t.add_argument("--epochs", type=positive_float, help="epochs over the training pairs")
+    t.add_argument("--lr", type=positive_float, help="peak learning rate")
+    t.add_argument("--warmup_steps", type=nonneg_int, help="linear warmup steps")
+    t.add_argument("--beta_1", type=unit_interval, help="Adam beta_1")
+    t.add_argument("--beta_2", type=unit_interval, help="Adam beta_2")
+    t.add_argument("--adam_epsilon", type=positive_float, help="Adam epsilon")
+    t.add_argument("--ema_decay", type=unit_interval, help="EMA decay of the weights")
     t.add_argument("--loss", choices=["l1", "l2"], help="l1 (cifar10) or l2 (others)")
-    t.add_argument("--ckpt_every", type=int, default=None,
+    t.add_argument("--ckpt_every", type=positive_int, default=None,
                    help=f"steps between checkpoints (student: default {CKPT_EVERY}, and at each "
                         f"epoch end; teacher: default a tenth of its steps, at most {CKPT_EVERY})")
-    t.add_argument("--n_eval", type=int, default=None,
+    t.add_argument("--n_eval", type=positive_int, default=None,
                    help="held-out pairs scored at each checkpoint (default: all)")
     t.add_argument("--bf16", action="store_true",
                    help="bfloat16 compute (mixed precision; the paper used float32)")
@@ -209,16 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_config(args.dataset)
     from utils.strategy import make_strategy
 
-    for name in ("n_examples", "shard_size", "gen_batch_size", "batch_size", "teacher_steps",
-                 "ckpt_every"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive")
-    strategy = make_strategy(args.tpu, args.devices, args.cpu_replicas)
+    # every flag was checked by its argparse type; what remains needs the data or the devices
     if args.no_generate:  # fail on a missing pair set before any teacher work
         from data.shards import open_pair_set
         net = cfg.network
         open_pair_set(args.datadir or os.path.join("./datasets", cfg.name),
                       (net.resolution, net.resolution, net.in_ch))
+    strategy = make_strategy(args.tpu, args.devices, args.cpu_replicas)
+    if not args.generate_only:  # as the student's trainer will need, but before any work
+        from utils.train_loop import check_batch_split
+        s = student_settings(args, cfg)
+        check_batch_split(s["batch_size"], strategy.num_replicas_in_sync, s["grad_accum"])
     teacher_path = resolve_teacher(args, cfg, strategy)
     folder = stage_pairs(args, cfg, strategy, teacher_path)
     print(f"pairs: complete in {folder}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.cli import quiet_tensorflow, run
+from utils.cli import Parser, output_dir, quiet_tensorflow, run, weights_path
 
 quiet_tensorflow()
 
@@ -21,12 +21,14 @@ from models.weights import load_unet, save_converted  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m models.convert", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=list(CONFIGS), metavar="DATASET",
                    help=f"network the weights belong to: {', '.join(CONFIGS)}")
-    p.add_argument("source", metavar="SOURCE", help="checkpoint file or folder to convert")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the converted checkpoint")
+    p.add_argument("source", metavar="SOURCE", type=weights_path,
+                   help="checkpoint file or folder to convert")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=output_dir,
+                   help="new folder for the converted checkpoint")
     p.add_argument("--raw", action="store_true",
                    help="use the raw training weights instead of the EMA weights (TF1 and .pth only)")
     args = p.parse_args(argv)

@@ -93,6 +93,9 @@ def ddim_sample(eps_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], x_T: tf.Ten
             z = tf.random.stateless_normal(tf.shape(x), seed=tf.stack([seed[0], seed[1] + k]),
                                            dtype=x.dtype)
             x += sigma[k] * z
+        # A network that broadcasts against t (shape [None] in a graph) can widen a batch of 1 to
+        # None, which the while-loop refuses; the batch never changes, so pin it.
+        x = tf.ensure_shape(x, x_T.shape)
     return x
 
 

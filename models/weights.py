@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -62,7 +63,7 @@ def detect_format(path: str) -> str:
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, META_FILE)):
             return "converted"
-        if tf.train.latest_checkpoint(path):
+        if tf1_prefix_in(path):
             return "ddpm_tf1"
         raise WeightsError(f"{path}: no weights here (expected {META_FILE}, a TF checkpoint, "
                            f"a .h5 or a .pth file)")
@@ -73,6 +74,19 @@ def detect_format(path: str) -> str:
     if os.path.exists(path + ".index"):
         return "ddpm_tf1"
     raise WeightsError(f"{path}: not found (or not a known weight format)")
+
+
+def tf1_prefix_in(folder: str) -> str | None:
+    """The one TF checkpoint in `folder` (its prefix), found from the `*.index` files present.
+
+    The folder's `checkpoint` index file is not consulted: the official release's name the authors'
+    own absolute paths, and a copied folder's would point back at the original.
+    """
+    prefixes = sorted(f[:-len(".index")] for f in os.listdir(folder) if f.endswith(".index"))
+    if len(prefixes) > 1:
+        raise WeightsError(f"{folder} holds {len(prefixes)} checkpoints ({', '.join(prefixes)}); "
+                           f"pass one, e.g. {os.path.join(folder, prefixes[-1])}")
+    return os.path.join(folder, prefixes[0]) if prefixes else None
 
 
 def read_weights(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
@@ -95,12 +109,12 @@ _TF1_SLOTS = re.compile(r"/(Adam|Adam_1|RMSProp|RMSProp_1|Momentum)$")
 
 def read_ddpm_tf1(path: str, ema: bool = True) -> Weights:
     """Variables under `model/`, by name; EMA shadows (`.../ExponentialMovingAverage`) by default."""
-    prefix = tf.train.latest_checkpoint(path) if os.path.isdir(path) else path
+    prefix = tf1_prefix_in(path) if os.path.isdir(path) else path
     try:
         reader = tf.train.load_checkpoint(prefix)
         shapes = reader.get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError) as e:
-        raise WeightsError(f"{path}: unreadable TF checkpoint ({_first_line(e)})") from None
+        raise WeightsError(f"{path}: unreadable TF checkpoint ({_cause(e)})") from None
     raw = sorted(n for n in shapes if n.startswith("model/") and not n.endswith(_EMA_SUFFIX)
                  and not _TF1_SLOTS.search(n))
     if not raw:
@@ -116,7 +130,7 @@ def read_ddpm_tf1(path: str, ema: bool = True) -> Weights:
                   for n, key in used.items()}
         step = int(reader.get_tensor("global_step")) if "global_step" in shapes else None
     except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: truncated data file
-        raise WeightsError(f"{path}: corrupt TF checkpoint ({_first_line(e)})") from None
+        raise WeightsError(f"{path}: unreadable TF checkpoint ({_cause(e)})") from None
     ignored = sorted(set(shapes) - set(used.values()))
     return Weights(params, OFFICIAL_GN_EPS, prefix, "ddpm_tf1", ema=ema, step=step,
                    sha256=_checkpoint_sha256(prefix), ignored=ignored)
@@ -142,11 +156,13 @@ def read_ddim_pth(path: str, ema: bool = True) -> Weights:
         raise WeightsError("reading a DDIM .pth needs PyTorch (CPU is enough): "
                            "pip install torch") from None
     try:
-        states = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. its note on the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            states = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"{path}: not found") from None
     except Exception as e:  # torch raises many types for truncated/corrupt archives
-        raise WeightsError(f"{path}: unreadable PyTorch checkpoint ({_first_line(e)})") from None
+        raise WeightsError(f"{path}: unreadable PyTorch checkpoint ({_cause(e)})") from None
     if isinstance(states, dict):  # a bare state_dict
         states = [states]
     if not isinstance(states, (list, tuple)) or not isinstance(states[0], dict):
@@ -255,8 +271,10 @@ def read_original_h5(path: str, cfg: DatasetConfig) -> Weights:
             stored = [(name, np.asarray(f[g][name], np.float32))
                       for g in _attr_strings(f.attrs, "layer_names")
                       for name in _attr_strings(f[g].attrs, "weight_names")]
-    except (OSError, KeyError) as e:
-        raise WeightsError(f"{path}: unreadable Keras h5 file ({_first_line(e)})") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: unreadable Keras h5 file ({_cause(e)})") from None
+    except KeyError:
+        raise WeightsError(f"{path}: not a Keras save_weights file (no layer list)") from None
     expected = {k: tuple(v.shape) for k, v in official_variables(UNet(cfg.network)).items()}
     order = original_h5_order(list(expected), cfg.family)
     if len(stored) != len(order):
@@ -327,7 +345,7 @@ def read_converted(out_dir: str) -> Weights:
         keys = [k for k in reader.get_variable_to_shape_map() if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE")]
         params = {k.split("/.ATTRIBUTES")[0].replace(".S", "/"): reader.get_tensor(k) for k in keys}
     except (OSError, ValueError, tf.errors.OpError) as e:
-        raise WeightsError(f"{out_dir}: unreadable converted checkpoint ({_first_line(e)})") from None
+        raise WeightsError(f"{out_dir}: unreadable converted checkpoint ({_cause(e)})") from None
     return Weights(params, float(meta["gn_eps"]), meta.get("source", out_dir), "converted",
                    ema=meta.get("ema"), step=meta.get("step"), dataset=meta.get("dataset"),
                    sha256=meta.get("sha256"), command=meta.get("command"))
@@ -362,6 +380,14 @@ def load_unet(path: str, cfg: DatasetConfig, ema: bool = True) -> tuple[UNet, We
     return model, weights
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+def _cause(e: BaseException) -> str:
+    """A short reason for a reader's failure, in our words: the libraries' own messages run to
+    paragraphs and repeat the (possibly long) path, and cutting them leaves half a sentence."""
+    code = getattr(e, "error_code", None)  # TF raises some as a bare OpError with a code
+    if isinstance(e, FileNotFoundError) or code == tf.errors.NOT_FOUND:
+        return "a file is missing"
+    if isinstance(e, PermissionError) or code == tf.errors.PERMISSION_DENIED:
+        return "permission denied"
+    if isinstance(e, json.JSONDecodeError):
+        return f"{META_FILE} is not valid JSON"
+    return "incomplete or corrupt"

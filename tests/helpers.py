@@ -6,10 +6,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, timeout=900, **popen):
-    """Run `python <args>` in the repository root, as a user would."""
+def run_cli(*args, timeout=900, env=None, **popen):
+    """Run `python <args>` in the repository root, as a user would (`env`: extra variables)."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT}, **popen)
+                          timeout=timeout, env={**os.environ, **(env or {}), "PYTHONPATH": ROOT},
+                          **popen)
 
 
 def make_tiny_teacher(folder: str, seed: int = 0) -> str:

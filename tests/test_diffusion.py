@@ -114,3 +114,17 @@ def test_student_is_residual_at_t999():
     z = tf.random.stateless_normal([3, 4, 4, 3], seed=[1, 1])
     np.testing.assert_allclose(student_sample(fake_net, z).numpy(), 0.75 * z.numpy(), rtol=1e-6)
     assert list(seen["t"]) == [999, 999, 999]
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_ddim_runs_a_batch_of_one(xla):
+    # The eps function broadcasts against t (shape [None] in the graph), as the UNet's timestep
+    # embedding does: a batch of 1 used to widen to None and stop the while-loop.
+    cfg = CONFIGS["lsun_church"].sampler
+    abar = reference_abar()
+    x_T = np.random.default_rng(1).standard_normal((1, 5))
+    ref = reference_ddim_np(x_T.copy(), timestep_sequence(cfg), abar)
+    ours = tf.function(lambda x: ddim_sample(tf_optimal_eps(abar), x, ddim_plan(cfg)),
+                       jit_compile=xla)(tf.constant(x_T, tf.float32)).numpy()
+    assert ours.shape == (1, 5)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)

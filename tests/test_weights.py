@@ -1,5 +1,6 @@
 """Weight import from files written in the official formats by independent fixtures
 (tests/reference), checked tensor by tensor and by an independent NumPy forward pass."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -172,3 +173,61 @@ def test_corrupt_pth_gives_clear_error(tmp_path):
     _truncate(path)
     with pytest.raises(WeightsError, match="unreadable PyTorch"):
         load_unet(path, TINY)
+
+
+@pytest.mark.parametrize("index_file", ["missing", "foreign", "stale copy"])
+def test_tf1_folder_is_found_without_trusting_its_checkpoint_file(tf1_ckpt, tmp_path, index_file,
+                                                                  caplog):
+    import shutil
+    folder = tmp_path / "diffusion_cifar10_model"
+    shutil.copytree(os.path.dirname(tf1_ckpt), folder)
+    if index_file == "missing":
+        os.remove(folder / "checkpoint")
+    elif index_file == "foreign":  # as in the official release: the authors' own machine
+        (folder / "checkpoint").write_text(
+            'model_checkpoint_path: "/home/authors/diffusion/cifar10/model.ckpt-790000"\n')
+    # "stale copy": the copy's index file still names the original folder (still there)
+    model, w = load_unet(str(folder), TINY)
+    assert_holds(model, EMA)
+    assert w.source == str(folder / os.path.basename(tf1_ckpt)) and w.step == 790000
+    assert not [r for r in caplog.records if r.name.startswith("tensorflow")]
+
+
+def test_tf1_folder_with_several_checkpoints_names_them(tmp_path):
+    folder = tmp_path / "run"
+    for step in (10, 20):
+        write_ddpm_tf1_checkpoint(str(folder / "model.ckpt"), RAW, EMA, step=step, with_adam=False)
+    with pytest.raises(WeightsError) as e:
+        load_unet(str(folder), TINY)
+    assert str(e.value) == (f"{folder} holds 2 checkpoints (model.ckpt-10, model.ckpt-20); "
+                            f"pass one, e.g. {folder / 'model.ckpt-20'}")
+    model, _ = load_unet(str(folder / "model.ckpt-10"), TINY)
+    assert_holds(model, EMA)
+
+
+def test_errors_under_a_long_path_are_short_and_whole(tf1_ckpt, tmp_path, recwarn):
+    import shutil
+    folder = tmp_path / ("a_long_folder_name_" * 12)  # the libraries' messages repeat the path
+    shutil.copytree(os.path.dirname(tf1_ckpt), folder)
+    prefix = str(folder / os.path.basename(tf1_ckpt))
+    os.remove(prefix + ".data-00000-of-00001")
+    with pytest.raises(WeightsError) as e:
+        load_unet(prefix, TINY)
+    assert str(e.value) == f"{prefix}: unreadable TF checkpoint (incomplete or corrupt)"
+    (folder / "model.ckpt-790000.index").write_bytes(b"")
+    with pytest.raises(WeightsError) as e:
+        load_unet(str(folder), TINY)
+    assert str(e.value) == f"{folder}: unreadable TF checkpoint (incomplete or corrupt)"
+    h5 = folder / "s.h5"
+    h5.write_bytes(b"not hdf5")
+    with pytest.raises(WeightsError) as e:
+        load_unet(str(h5), TINY)
+    assert str(e.value) == f"{h5}: unreadable Keras h5 file (incomplete or corrupt)"
+    if importlib.util.find_spec("torch"):
+        import pickle
+        pth = folder / "ckpt.pth"
+        pth.write_bytes(pickle.dumps(object, protocol=4))  # torch warns about the protocol
+        with pytest.raises(WeightsError) as e:
+            load_unet(str(pth), TINY)
+        assert str(e.value) == f"{pth}: unreadable PyTorch checkpoint (incomplete or corrupt)"
+    assert not recwarn.list

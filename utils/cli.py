@@ -1,6 +1,8 @@
 """CLI plumbing: quiet TensorFlow start-up and one-line errors (exit code 2, no traceback)."""
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 from typing import Callable
@@ -14,9 +16,11 @@ def quiet_tensorflow() -> None:
     """Import TensorFlow without its C++ start-up chatter (CUDA probing on CPU-only machines).
 
     That chatter is written to file descriptor 2 before logging is configured, so it is hidden by
-    pointing fd 2 at /dev/null for the import only; Python errors still surface afterwards.
+    pointing fd 2 at /dev/null for the import only; Python errors still surface afterwards. The C++
+    log level is forced, not defaulted: at a user's common 2 (or 0, 1), TensorFlow's own notes
+    (CUDA probing, oneDNN's DT_HALF, XLA start-up) read as errors of ours.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     if "tensorflow" in sys.modules:
         return
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -32,15 +36,96 @@ def quiet_tensorflow() -> None:
 def writable_dir(path: str, label: str = "") -> str:
     """Create `path` if needed; a clear UserError if it is a file or cannot be written."""
     name = f"{label} {path}".strip()
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{name} is a file, not a directory")
+    _check_output_dir(path, name)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {name}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{name} is not writable")
     return path
+
+
+def _check_output_dir(path: str, name: str) -> None:
+    """UserError unless `path` is a writable folder or could be created as one (nothing is made)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{name} is a file, not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot create {name}: {parent} is a file")
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        raise UserError(f"{name} is not writable")
+
+
+# -- argparse types: every flag checked where it is declared, before any work --------------------
+# argparse reports their ArgumentTypeError as one line naming the flag (see Parser), exit code 2.
+
+def _checked(parse: Callable[[str], float], kind: str, ok: Callable[[float], bool], rule: str
+             ) -> Callable[[str], float]:
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return convert
+
+
+positive_int = _checked(int, "an integer", lambda v: v > 0, "a positive integer")
+nonneg_int = _checked(int, "an integer", lambda v: v >= 0, "an integer >= 0")
+seed_int = _checked(int, "an integer", lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)")
+positive_float = _checked(float, "a number", lambda v: v > 0, "a positive number")
+unit_interval = _checked(float, "a number", lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def _path_type(check: Callable[[str], None]) -> Callable[[str], str]:
+    def convert(path: str) -> str:
+        if not path:
+            raise argparse.ArgumentTypeError("empty path")
+        try:
+            check(path)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return path
+    return convert
+
+
+def _output_dir(path: str) -> None:
+    _check_output_dir(path, path)
+
+
+def _existing(is_kind: Callable[[str], bool], kind: str) -> Callable[[str], None]:
+    def existing(path: str) -> None:
+        if not is_kind(path):
+            raise UserError(f"{path} is not a {kind}" if os.path.exists(path)
+                            else f"{path} not found")
+    return existing
+
+
+def _weights_path(path: str) -> None:
+    if not (os.path.exists(path) or os.path.exists(path + ".index")):  # a TF checkpoint prefix
+        raise UserError(f"{path} not found")
+
+
+output_dir = _path_type(_output_dir)  # a folder to write into: existing, or creatable
+existing_dir = _path_type(_existing(os.path.isdir, "directory"))
+existing_file = _path_type(_existing(os.path.isfile, "file"))
+weights_path = _path_type(_weights_path)  # a weight file or folder, or a TF checkpoint prefix
+
+
+def nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

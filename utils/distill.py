@@ -60,10 +60,7 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
     teacher, weights = load_unet(teacher_path, cfg, ema=not raw_teacher)
     net = teacher.cfg  # the teacher's network, GroupNorm epsilon included
     global_batch, accum = s["batch_size"], s["grad_accum"]
-    replicas = strategy.num_replicas_in_sync
-    if global_batch % (replicas * accum):
-        raise UserError(f"--batch_size {global_batch} is not divisible by {replicas} replicas "
-                         f"x {accum} accumulation steps")
+    replicas = strategy.num_replicas_in_sync  # the Trainer checks that the batch splits evenly
     opt = OptimConfig(s["lr"], s["warmup_steps"], s["beta_1"], s["beta_2"], s["epsilon"],
                       s["ema_decay"], global_batch, accum)
     trainer = Trainer(

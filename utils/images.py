@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from models.fileio import atomic_write
+from utils.cli import UserError
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -52,6 +53,22 @@ def save_png(path: str, image: np.ndarray) -> None:
 
 
 def load_png(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        a = np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im)
+    except (OSError, SyntaxError):  # PIL's errors for truncated or broken files
+        raise UserError(f"{path}: not a readable image (truncated or corrupt)") from None
     return a[..., None] if a.ndim == 2 else a
+
+
+def png_ok(path: str, size: tuple[int, int]) -> bool:
+    """True if `path` is a complete PNG of size (width, height): its chunks' checksums are
+    verified, without decoding the pixels (cheap enough to run over a folder on every resume)."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.size != size:
+                return False
+            im.verify()
+        return True
+    except (OSError, SyntaxError):  # missing, empty, truncated, broken
+        return False

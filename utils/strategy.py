@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import urllib.error
 
 import tensorflow as tf
+
+from utils.cli import UserError
 
 
 def split_cpu(n: int) -> None:
@@ -24,28 +26,65 @@ def make_strategy(tpu: str | None = None, devices: list[str] | None = None,
     """TPUStrategy for `tpu`; MultiWorkerMirroredStrategy when TF_CONFIG names a cluster;
     MirroredStrategy over the GPUs (or `devices`); else the CPU (several logical replicas if asked)."""
     if tpu:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
+        return _tpu_strategy(tpu)
     if _tf_config().get("cluster", {}).get("worker"):
         return tf.distribute.MultiWorkerMirroredStrategy()
     if cpu_replicas > 1:
         split_cpu(cpu_replicas)
         return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cpu_replicas)])
-    gpus = devices or [d.name for d in tf.config.list_logical_devices("GPU")]
+    gpus = _known_devices(devices) if devices else [
+        d.name for d in tf.config.list_logical_devices("GPU")]
     if gpus:
         return tf.distribute.MirroredStrategy(gpus)
-    warnings.warn("no GPU or TPU found: running on the CPU (fine for small runs, slow for real ones)",
-                  stacklevel=2)
+    # a note, not a warning: on stderr, with its source line, it read as a failure
+    print("devices: no GPU or TPU found, running on the CPU "
+          "(fine for small runs, slow for real ones)")
     return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def _known_devices(devices: list[str]) -> list[str]:
+    """`devices` if each names a device of this machine (MirroredStrategy accepts any name, and
+    fails only at the first step)."""
+    def key(name: str) -> tuple[str, int]:
+        spec = tf.DeviceSpec.from_string(name)
+        return (spec.device_type or "").upper(), spec.device_index or 0
+    here = tf.config.list_logical_devices()
+    known = {key(d.name) for d in here}
+    for name in devices:
+        try:
+            found = key(name) in known
+        except ValueError:
+            found = False
+        if not found:
+            raise UserError(f"no device {name} here (devices: "
+                            f"{', '.join(d.name.split('device:')[-1] for d in here)})")
+    return devices
+
+
+def _tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:
+    """TPUStrategy on `tpu`; an unreachable or unknown TPU is the user's one-line error."""
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except (OSError, ValueError, RuntimeError, tf.errors.OpError) as e:
+        raise UserError(f"cannot use TPU {tpu!r}: {_reason(e)}") from None
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an error; a TPU name is looked up through the GCE metadata server."""
+    if isinstance(e, urllib.error.URLError):
+        return f"address lookup failed ({e.reason})"
+    lines = (getattr(e, "message", None) or str(e)).strip().splitlines()  # OpError: no node text
+    return lines[0] if lines else type(e).__name__
 
 
 def _tf_config() -> dict:
     try:
         return json.loads(os.environ.get("TF_CONFIG", "{}"))
     except json.JSONDecodeError:
-        raise ValueError("TF_CONFIG is not valid JSON") from None
+        raise UserError("the TF_CONFIG environment variable is not valid JSON") from None
 
 
 def worker_info() -> tuple[int, int]:

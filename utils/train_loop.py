@@ -37,6 +37,13 @@ class OptimConfig:
     decay_steps: int = 0  # > 0: cosine decay to zero at this step after the warmup; 0: constant
 
 
+def check_batch_split(global_batch: int, replicas: int, grad_accum: int = 1) -> None:
+    """Each replica takes an equal share of every accumulation step: a UserError otherwise."""
+    if global_batch % (replicas * grad_accum):
+        raise UserError(f"batch {global_batch} is not divisible by {replicas} replica(s) x "
+                        f"{grad_accum} accumulation step(s) (--batch_size, --grad_accum)")
+
+
 @keras.saving.register_keras_serializable("denoising_student")
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """lr * min(1, (step + 1) / warmup): linear warmup, then constant (the original's student), or
@@ -69,10 +76,7 @@ class Trainer:
                  opt: OptimConfig, loss_fn: LossFn, savedir: str, xla: bool = False,
                  max_to_keep: int = 2):
         self.strategy, self.opt_cfg, self.loss_fn = strategy, opt, loss_fn
-        replicas = strategy.num_replicas_in_sync
-        if opt.global_batch % (replicas * opt.grad_accum):
-            raise UserError(f"global batch {opt.global_batch} is not divisible by "
-                             f"{replicas} replicas x {opt.grad_accum} accumulation steps")
+        check_batch_split(opt.global_batch, strategy.num_replicas_in_sync, opt.grad_accum)
         with strategy.scope():
             self.model, self.ema = make_model(), make_model()
             self.variables = self.model.trainable_variables
