@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                    help="XLA-compile the SavedModel's network, as eval does by default (samples "
                         "bit-identical to tofolder with the same flag; TF Serving then needs "
-                        "--xla_cpu_compilation_enabled)")
+                        "--xla_cpu_compilation_enabled=true)")
     return parser
 
 
