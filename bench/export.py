@@ -153,6 +153,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed rounds, the best counts (default: cifar10 2, others 5)")
     args = p.parse_args()
+    tf.get_logger().setLevel("ERROR")  # each exported copy retraces student_fn's lambda: noise
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, TFLite {THREADS} threads; "
           f"ratios: speed against eval xla (above 1: faster)")
     for dataset in args.datasets:
