@@ -84,6 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True)
     p = sub.add_parser("info", help="a dataset's settings, parameter count and sampler cost")
     _dataset_arg(p)
+    from utils.export import DEFAULT_SIGNATURE, TFLITE_VARIANTS
+    p = sub.add_parser("export", help="the student as a SavedModel and a TFLite model, for serving",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+                           "Write DIR/saved_model (signatures: sample(seed int64, n int32) -> "
+                           "uint8 [n, H, W, C],\nthe images `tofolder --seed SEED` writes, bit for "
+                           f"bit; denoise(z float32 [N, H, W, C]) -> uint8;\nserving_default = "
+                           f"{DEFAULT_SIGNATURE}), DIR/denoise_{{variant}}.tflite and DIR/README.txt."
+                           "\nDIR must be new or empty: an export is never overwritten."))
+    p.add_argument("savedir", metavar="DIR", help="output folder (new, or empty)")
+    _dataset_arg(p)
+    p.add_argument("--model_dir", default=None,
+                   help="training run, converted checkpoint, or folder with {dataset}_ema_model.h5")
+    p.add_argument("--tflite", choices=TFLITE_VARIANTS, default="float32",
+                   help="TFLite weights: float32 (default), fp16, or int8 (dynamic-range: "
+                        "activations quantised on the fly)")
+    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                   help="XLA-compile the SavedModel's network, as eval does by default (samples "
+                        "bit-identical to tofolder with the same flag; TF Serving then needs "
+                        "--xla_cpu_compilation_enabled=true)")
     return parser
 
 
@@ -285,8 +304,18 @@ def cmd_info(args, cfg) -> None:
           f"epochs {tr.epochs}")
 
 
+def cmd_export(args, cfg) -> None:
+    from utils.export import export, require_new_dir
+    from utils.sampling import load_student
+    require_new_dir(args.savedir)  # before the weights are loaded: a refusal is instant
+    model, weights = load_student(args.model_dir, cfg)
+    print(f"student: {weights.describe()}")
+    files = export(args.savedir, model, weights, cfg, args.tflite, args.xla)
+    print(f"wrote {args.savedir}: {', '.join(files)}")
+
+
 COMMANDS = {"figures": cmd_figures, "tofolder": cmd_tofolder, "interpolate": cmd_interpolate,
-            "fid": cmd_fid, "speed": cmd_speed, "info": cmd_info}
+            "fid": cmd_fid, "speed": cmd_speed, "info": cmd_info, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

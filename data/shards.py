@@ -62,14 +62,17 @@ def layout(n_examples: int, shard_size: int, n_test: int) -> list[Shard]:
 
 # -- noise -----------------------------------------------------------------------------------------
 
-def example_noise(indices: tf.Tensor, seed: int, stream: int, shape: tuple[int, int, int]) -> tf.Tensor:
+def example_noise(indices: tf.Tensor, seed: int | tf.Tensor, stream: int,
+                  shape: tuple[int, int, int]) -> tf.Tensor:
     """X_T for the given example indices: N(0, I) from a stateless generator keyed by
     (seed, stream, index), rounded to float16 (the stored precision) and returned as float32, so the
-    teacher sees exactly the X that is stored. Independent of batching and of the replica count."""
+    teacher sees exactly the X that is stored. Independent of batching and of the replica count.
+    Graph-compatible (seed and indices may be symbolic): the exported `sample` signature calls it."""
     keys = tf.cast(indices, tf.int64) + stream * _STREAM_STRIDE
+    seed = tf.convert_to_tensor(seed, tf.int64)
 
     def one(key):
-        return tf.random.stateless_normal(shape, seed=tf.stack([tf.constant(seed, tf.int64), key]))
+        return tf.random.stateless_normal(shape, seed=tf.stack([seed, key]))
     x = tf.map_fn(one, keys, fn_output_signature=tf.float32)
     return tf.cast(tf.cast(x, tf.float16), tf.float32)
 

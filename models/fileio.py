@@ -1,8 +1,9 @@
 """File helpers for every module (here because models/ is the bottom layer of the imports):
 atomic writes and checksums.
 
-A file appears under its final name only when complete: it is written to a temporary name in the
-same folder, flushed to disk, then renamed. A killed run leaves at most a `.tmp-*` file behind.
+A file (or folder) appears under its final name only when complete: it is written to a temporary
+name in the same folder, flushed to disk, then renamed. A killed run leaves at most a `.tmp-*`
+file (or folder) behind.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import IO, Iterator
 
@@ -29,6 +31,22 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """A folder written in full or not at all: yields a temporary sibling, renamed to `path` on
+    success (`path` must be absent or an empty folder), removed on failure."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(os.path.abspath(path))}-")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
+        os.rename(tmp, path)  # replaces an empty folder; fails on a non-empty one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -212,7 +212,8 @@ class UNet(keras.Model):
 
 
 def _upsample_nearest(x):
-    b, h, w, c = tf.unstack(tf.shape(x))
+    # Static sizes where known, so the next conv sees its channel count (TFLite needs it).
+    b, h, w, c = (d if d is not None else tf.shape(x)[i] for i, d in enumerate(x.shape))
     x = tf.tile(x[:, :, None, :, None, :], [1, 1, 2, 1, 2, 1])
     return tf.reshape(x, [b, h * 2, w * 2, c])
 

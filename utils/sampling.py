@@ -65,9 +65,11 @@ def load_student(model_dir: str | None, cfg: DatasetConfig) -> tuple[UNet, Weigh
     return load_unet(find_student(model_dir or default_model_dir(cfg), cfg), cfg)
 
 
-def noise_for(indices: np.ndarray, cfg: DatasetConfig, seed: int) -> tf.Tensor:
+def noise_for(indices: np.ndarray | tf.Tensor, cfg: DatasetConfig, seed: int | tf.Tensor
+              ) -> tf.Tensor:
+    """The noise of evaluation samples `indices` (also traced into the exported `sample`)."""
     net = cfg.network
-    return example_noise(tf.constant(indices), seed, SAMPLE_STREAM,
+    return example_noise(tf.convert_to_tensor(indices), seed, SAMPLE_STREAM,
                          (net.resolution, net.resolution, net.in_ch))
 
 
