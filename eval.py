@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                            f"bit; denoise(z float32 [N, H, W, C]) -> uint8;\nserving_default = "
                            f"{DEFAULT_SIGNATURE}), DIR/denoise_{{variant}}.tflite and DIR/README.txt."
                            "\nDIR must be new or empty: an export is never overwritten."))
-    p.add_argument("savedir", metavar="DIR", help="output folder (new, or empty)")
+    p.add_argument("savedir", metavar="DIR", type=output_dir, help="output folder (new, or empty)")
     _dataset_arg(p)
-    p.add_argument("--model_dir", default=None,
+    p.add_argument("--model_dir", default=None, type=weights_path,
                    help="training run, converted checkpoint, or folder with {dataset}_ema_model.h5")
     p.add_argument("--tflite", choices=TFLITE_VARIANTS, default="float32",
                    help="TFLite weights: float32 (default), fp16, or int8 (dynamic-range: "
