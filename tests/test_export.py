@@ -23,6 +23,7 @@ SEED, N = 3_000_000_000, 50  # a seed beyond int32, and more images than tofolde
 # Run with `python -I` from a temporary folder: no project code on sys.path. Writes its results to
 # an .npz; fails if any module was loaded from the repository.
 FRESH = """
+import os
 import sys
 import numpy as np
 import tensorflow as tf
@@ -44,7 +45,10 @@ with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
     sig = tf.compat.v1.saved_model.load(sess, ["serve"], saved).signature_def["sample"]
     feeds = {sig.inputs["seed"].name: int(seed), sig.inputs["n"].name: int(n)}
     results["session"] = sess.run(sig.outputs["images"].name, feeds)
-ours = [m for m in list(sys.modules.values()) if (getattr(m, "__file__", None) or "").startswith(root)]
+# modules loaded from the repository (a virtual environment inside it does not count)
+ours = [m for m in list(sys.modules.values())
+        if (getattr(m, "__file__", None) or "").startswith(root + os.sep)
+        and not m.__file__.startswith(sys.prefix + os.sep)]
 assert not ours, ours
 np.savez(out, **results)
 """
@@ -168,7 +172,7 @@ def test_existing_export_is_refused_and_left_unchanged(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["export"]  # no temporary folder left behind
     (tmp_path / "file").write_text("x")
     code, _, err = run_main("eval", ["export", tmp_path / "file", "digits"], capsys)
-    assert code == 2 and "not an empty directory" in err
+    assert code == 2 and "is a file, not a directory" in err and err.count("\n") == 1
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
@@ -176,8 +180,13 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert code == 2 and "invalid choice: 'int4'" in err
     code, _, err = run_main("eval", ["export", tmp_path / "b", "digits", "--model_dir",
                                      tmp_path / "missing"], capsys)
+    assert code == 2 and err.startswith("error: argument --model_dir") and "not found" in err
+    assert err.count("\n") == 1 and os.listdir(tmp_path) == []
+    (tmp_path / "empty").mkdir()  # exists, but holds no student
+    code, _, err = run_main("eval", ["export", tmp_path / "c", "digits", "--model_dir",
+                                     tmp_path / "empty"], capsys)
     assert code == 2 and err.startswith("error: no digits student") and err.count("\n") == 1
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["empty"]
 
 
 def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
