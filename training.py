@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam_epsilon", type=positive_float, help="Adam epsilon")
     t.add_argument("--ema_decay", type=unit_interval, help="EMA decay of the weights")
     t.add_argument("--loss", choices=["l1", "l2"], help="l1 (cifar10) or l2 (others)")
+    t.add_argument("--lr_decay", choices=["constant", "cosine"],
+                   help="after the warmup: constant (the paper's) or cosine decay to zero")
     t.add_argument("--ckpt_every", type=positive_int, default=None,
                    help=f"steps between checkpoints (student: default {CKPT_EVERY}, and at each "
                         f"epoch end; teacher: default a tenth of its steps, at most {CKPT_EVERY})")
@@ -190,6 +192,7 @@ def student_settings(args: argparse.Namespace, cfg: DatasetConfig) -> dict:
             "beta_1": pick(args.beta_1, tr.beta_1), "beta_2": pick(args.beta_2, tr.beta_2),
             "epsilon": pick(args.adam_epsilon, tr.epsilon),
             "ema_decay": pick(args.ema_decay, tr.ema_decay), "loss": pick(args.loss, tr.loss),
+            "lr_decay": pick(args.lr_decay, tr.lr_decay),
             "seed": args.seed, "student_t": tr.student_t, "bf16": args.bf16, "xla": args.xla,
             "ckpt_every": pick(args.ckpt_every, CKPT_EVERY), "n_eval": args.n_eval}
 

@@ -58,6 +58,7 @@ class TrainConfig:
     epsilon: float
     ema_decay: float
     epochs: int
+    lr_decay: str = "constant"  # after the warmup: "constant" (the paper's) or "cosine" to zero
     student_t: int = 999
 
 
@@ -160,6 +161,7 @@ CONFIGS: dict[str, DatasetConfig] = {
         teacher="DDPM trained here on scikit-learn's digits (shipped in models/pretrained)",
         teacher_file="",
         teacher_train=TeacherTrainConfig(batch_size=64, lr=1e-3, warmup_steps=200, steps=12_000,
+                                         lr_decay="cosine",
                                          ema_decay=0.999),
         description="scikit-learn's 8x8 handwritten digits, grayscale; the embedded demo",
         figure_zoom=4,  # 8x8 tiles are too small to see; the grid is saved at 4x, pixels repeated

@@ -16,7 +16,7 @@ def test_digits_end_to_end(tmp_path):
     r = run_cli("training.py", "digits", str(run), "--datadir", str(pairs), "--teacher_dataset",
                 "digits", "--teacher_steps", "100",
                 "--n_examples", "384", "--shard_size", "128", "--n_test", "64", "--epochs", "2",
-                "--ckpt_every", "50", "--no_progress")
+                "--lr_decay", "cosine", "--warmup_steps", "2", "--ckpt_every", "50", "--no_progress")
     assert r.returncode == 0, r.stderr[-3000:]
     # stage 0: a teacher trained and exported, with its loss logged at checkpoints (steps 50, 100)
     teacher_log = [json.loads(x) for x in open(run / "teacher_run" / "logs" / "scalars.jsonl")]
@@ -35,6 +35,8 @@ def test_digits_end_to_end(tmp_path):
     log = [json.loads(x) for x in open(run / "logs" / "scalars.jsonl")]
     held = [e["heldout_loss"] for e in log if "heldout_loss" in e]
     assert log[-1]["step"] == 12 and min(held) < held[0]
+    rates = [e["learning_rate"] for e in log if "learning_rate" in e]
+    assert rates[-1] < 1e-4 * max(rates)  # --lr_decay cosine reaches zero at the last step
     assert os.path.exists(run / "best" / "weights.json")
     for folder in ("teacher", "best", "last"):
         assert str(run) not in open(run / folder / "weights.json").read()
@@ -54,6 +56,6 @@ def test_digits_end_to_end(tmp_path):
     r = run_cli("training.py", "digits", str(run), "--datadir", str(pairs), "--teacher_dataset",
                 "digits", "--teacher_steps", "100",
                 "--n_examples", "384", "--shard_size", "128", "--n_test", "64", "--epochs", "2",
-                "--ckpt_every", "50", "--no_progress")
+                "--lr_decay", "cosine", "--warmup_steps", "2", "--ckpt_every", "50", "--no_progress")
     assert r.returncode == 0, r.stderr[-3000:]
     assert open(run / "best" / "weights.data-00000-of-00001", "rb").read() == before

@@ -61,8 +61,13 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
     net = teacher.cfg  # the teacher's network, GroupNorm epsilon included
     global_batch, accum = s["batch_size"], s["grad_accum"]
     replicas = strategy.num_replicas_in_sync  # the Trainer checks that the batch splits evenly
+    per_epoch = steps_per_epoch(pairs, global_batch)
+    if per_epoch == 0:
+        raise UserError(f"{pairs.n_train} training pairs are fewer than one batch of {global_batch}")
+    total = int(math.ceil(s["epochs"] * per_epoch))
     opt = OptimConfig(s["lr"], s["warmup_steps"], s["beta_1"], s["beta_2"], s["epsilon"],
-                      s["ema_decay"], global_batch, accum)
+                      s["ema_decay"], global_batch, accum,
+                      decay_steps=total if s["lr_decay"] == "cosine" else 0)
     trainer = Trainer(
         strategy, lambda: UNet(net, compute_dtype="bfloat16" if s["bf16"] else "float32"), opt,
         lambda model, x, y, step: student_loss(model, x, y, s["loss"]),
@@ -72,10 +77,6 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
     if not resumed:
         trainer.init_from(teacher)
     del teacher
-    per_epoch = steps_per_epoch(pairs, global_batch)
-    if per_epoch == 0:
-        raise UserError(f"{pairs.n_train} training pairs are fewer than one batch of {global_batch}")
-    total = int(math.ceil(s["epochs"] * per_epoch))
     logger = Logger(savedir, enabled=chief)
     noise = tf.random.stateless_normal([N_SAMPLES, *shape], seed=[s["seed"], 12345])
     sample = tf.function(lambda z: student_sample(trainer.ema, z))
