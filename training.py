@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compact", action="store_true",
                    help="store no X (recomputed from the seed when read): a third of the disk")
     g.add_argument("--gen_batch_size", type=positive_int,
-                   help="teacher batch for generation (default: twice the training batch)")
+                   help="teacher batch for generation (default: per dataset, else twice the "
+                        "training batch)")
     g.add_argument("--generate_only", action="store_true", help="stop after stage 1")
     g.add_argument("--no_generate", action="store_true",
                    help="never generate: fail if the pair set is missing or incomplete")
@@ -171,7 +172,8 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
     settings = settings_for(cfg, seed=args.seed, n_examples=args.n_examples,
                             shard_size=args.shard_size, n_test=args.n_test, compact=args.compact,
                             fewer=args.use_fewer_lsun_examples, teacher_sha256=weights.sha256)
-    gen_batch = args.gen_batch_size or 2 * (args.batch_size or cfg.train.batch_size)
+    gen_batch = (args.gen_batch_size or cfg.pairs.gen_batch_size
+                 or 2 * (args.batch_size or cfg.train.batch_size))
     preview_path = os.path.join(folder, "preview.png")
 
     def preview(images):
