@@ -151,7 +151,7 @@ CONFIGS: dict[str, DatasetConfig] = {
     # The embedded demo: scikit-learn's 1,797 real 8x8 digits at their native resolution (no
     # invented detail, and 4x cheaper than 16x16, which keeps the whole method within an hour on
     # 2 CPU cores). Two levels (8, 4) with attention at 4x4; the teacher is trained here and
-    # shipped. Its cosine decay matters: at 12,000 steps it halves the gap to real digits' FD.
+    # shipped. Its cosine decay matters: at 12,000 steps, DDIM-49 FD 3.74 vs 5.02 at a constant rate.
     "digits": DatasetConfig(
         name="digits",
         network=NetworkConfig(resolution=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
