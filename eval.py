@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True)
     p = sub.add_parser("info", help="a dataset's settings, parameter count and sampler cost")
     _dataset_arg(p)
-    from utils.export import DEFAULT_SIGNATURE, TFLITE_VARIANTS
+    from utils.evaluate.export import DEFAULT_SIGNATURE, TFLITE_VARIANTS
     p = sub.add_parser("export", help="the student as a SavedModel and a TFLite model, for serving",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=(
                            "Write DIR/saved_model (signatures: sample(seed int64, n int32) -> "
@@ -118,10 +118,10 @@ def next_free(folder: str, stem: str) -> str:
 
 def _sampler(args, cfg):
     """The sampling function: the student's one step, or (--sampler teacher) the DDIM loop."""
-    from utils.sampling import load_student, student_fn, teacher_fn
+    from utils.evaluate.sampling import load_student, student_fn, teacher_fn
     if args.sampler == "teacher":
         from models.weights import load_unet
-        from utils.sampling import default_teacher
+        from utils.evaluate.sampling import default_teacher
         model, weights = load_unet(args.model_dir or default_teacher(cfg), cfg)
         print(f"teacher (DDIM, {cfg.sampler.steps} {cfg.sampler.skip_type} steps): "
               f"{weights.describe()}")
@@ -135,7 +135,7 @@ def cmd_figures(args, cfg) -> None:
     from tqdm import tqdm
 
     from utils.images import grid_side, save_png, tile_position, zoom
-    from utils.sampling import sample_batches
+    from utils.evaluate.sampling import sample_batches
     sample = _sampler(args, cfg)  # before the folder: a bad --model_dir leaves nothing behind
     folder = writable_dir(args.savedir)
     res, side, gutter = cfg.network.resolution, grid_side(args.n_images), 1
@@ -163,7 +163,7 @@ def cmd_tofolder(args, cfg) -> None:
     from tqdm import tqdm
 
     from utils.images import png_ok, save_png
-    from utils.sampling import sample_batches
+    from utils.evaluate.sampling import sample_batches
     res = cfg.network.resolution
     # a file that is there but does not verify (truncated, empty) is made again
     todo = np.array([i for i in range(args.n_images) if not png_ok(
@@ -184,7 +184,7 @@ def cmd_tofolder(args, cfg) -> None:
 
 def cmd_interpolate(args, cfg) -> None:
     from utils.images import make_grid, save_png, to_uint8, zoom
-    from utils.sampling import noise_for, slerp
+    from utils.evaluate.sampling import noise_for, slerp
     sample = _sampler(args, cfg)
     folder = writable_dir(args.savedir)
     ends = noise_for(np.arange(2 * args.n_rows), cfg, args.seed).numpy()
@@ -198,9 +198,9 @@ def cmd_interpolate(args, cfg) -> None:
 
 
 def cmd_fid(args, cfg) -> None:
-    from utils import fid
+    from utils.evaluate import fid
     from utils.images import load_png
-    from utils.sampling import sample_batches
+    from utils.evaluate.sampling import sample_batches
     if args.images:
         files = sorted(f for f in os.listdir(args.images) if f.endswith(".png"))
         if not files:
@@ -215,7 +215,7 @@ def cmd_fid(args, cfg) -> None:
                                                args.batch_size, args.seed))
         total = args.n_images
     if cfg.name == "digits":
-        from utils.digit_classifier import digits_fd
+        from utils.evaluate.digit_classifier import digits_fd
         batches = list(images)
         print(f"digits-classifier FD ({total} samples vs real held-out digits): "
               f"{digits_fd(np.concatenate(batches)):.3f}")
@@ -228,7 +228,7 @@ def cmd_fid(args, cfg) -> None:
 
 
 def reference_statistics(args, cfg, net):
-    from utils import fid
+    from utils.evaluate import fid
     if args.ref_stats:
         return fid.load_statistics(args.ref_stats)
     cache = os.path.join("fid_stats", f"{cfg.name}_{args.split}.npz")
@@ -257,7 +257,7 @@ def cmd_speed(args, cfg) -> None:
 
     from models.unet import UNet
     from models.weights import WeightsError
-    from utils.sampling import load_student, noise_for, student_fn, teacher_fn
+    from utils.evaluate.sampling import load_student, noise_for, student_fn, teacher_fn
     try:
         model, weights = load_student(args.model_dir, cfg)
         print(f"weights: {weights.describe()}")
@@ -305,8 +305,8 @@ def cmd_info(args, cfg) -> None:
 
 
 def cmd_export(args, cfg) -> None:
-    from utils.export import export, require_new_dir
-    from utils.sampling import load_student
+    from utils.evaluate.export import export, require_new_dir
+    from utils.evaluate.sampling import load_student
     require_new_dir(args.savedir)  # before the weights are loaded: a refusal is instant
     model, weights = load_student(args.model_dir, cfg)
     print(f"student: {weights.describe()}")

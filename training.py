@@ -105,8 +105,8 @@ def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy=None)
     """--teacher; else with --teacher_dataset a teacher trained in SAVEDIR (stage 0, trained now if
     not there yet); else the teacher shipped in models/pretrained (digits); else stage 0 for a
     dataset with teacher-training settings; else the official weights in the default folders."""
-    from utils.sampling import shipped
-    from utils.teacher import trained_teacher
+    from utils.evaluate.sampling import shipped
+    from utils.train.teacher import trained_teacher
     if args.teacher:
         if not os.path.exists(args.teacher) and not os.path.exists(args.teacher + ".index"):
             raise UserError(f"teacher not found: {args.teacher}")
@@ -131,7 +131,7 @@ def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str
     """Stage 0: train a DDPM teacher on real images (resumes if interrupted)."""
     from data.datasets import DatasetError, real_images
     from models.configs import TeacherTrainConfig
-    from utils.teacher import train_teacher
+    from utils.train.teacher import train_teacher
     if strategy is None:
         raise UserError(f"no trained teacher in {args.savedir}")
     if cfg.teacher_train is None:  # a user's dataset on a network without teacher settings
@@ -201,7 +201,7 @@ def student_settings(args: argparse.Namespace, cfg: DatasetConfig) -> dict:
 
 def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder: str,
                   teacher_path: str) -> None:
-    from utils.distill import train_student
+    from utils.train.distill import train_student
     writable_dir(args.savedir, "SAVEDIR")
     settings = student_settings(args, cfg)
     train_student(cfg, settings, strategy, folder, teacher_path, args.savedir,
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                       (net.resolution, net.resolution, net.in_ch))
     strategy = make_strategy(args.tpu, args.devices, args.cpu_replicas)
     if not args.generate_only:  # as the student's trainer will need, but before any work
-        from utils.train_loop import check_batch_split
+        from utils.train.loop import check_batch_split
         s = student_settings(args, cfg)
         check_batch_split(s["batch_size"], strategy.num_replicas_in_sync, s["grad_accum"])
     teacher_path = resolve_teacher(args, cfg, strategy)

@@ -1,7 +1,7 @@
 """How good are the digits models? One table, one run: real digits, the teacher (deterministic DDIM
 at 49 network calls and more, and ancestral sampling), and the one-step student.
 
-Columns (all from the shipped digits classifier, utils/digit_classifier.py, trained on real digits):
+Columns (all from the shipped digits classifier, utils/evaluate/digit_classifier.py, trained on real digits):
   FD          Frechet distance of classifier features against the 360 held-out real digits
   /floor      FD over the real-vs-real floor (the 1,437 training digits against the same 360)
   confident   share of images given one class with probability > 0.999 (held-out real: 79%)
@@ -34,8 +34,8 @@ import tensorflow as tf  # noqa: E402
 from models.configs import SamplerConfig, get_config  # noqa: E402
 from models.diffusion import ddim_plan, ddim_sample  # noqa: E402
 from models.weights import load_unet  # noqa: E402
-from utils import digit_classifier as dc  # noqa: E402
-from utils.sampling import default_teacher, load_student, sample_batches, student_fn  # noqa: E402
+from utils.evaluate import digit_classifier as dc  # noqa: E402
+from utils.evaluate.sampling import default_teacher, load_student, sample_batches, student_fn  # noqa: E402
 
 CFG = get_config("digits")
 

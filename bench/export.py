@@ -4,7 +4,7 @@ models.
 For each config, in one run and on the same noise: batch-1 latency (ms per image) and batch-64
 throughput (images/s) of
 
-  eval xla / no-xla     eval.py's path: utils.sampling.student_fn (one compiled network call), then
+  eval xla / no-xla     eval.py's path: utils.evaluate.sampling.student_fn (one compiled network call), then
                         utils.images.to_uint8
   savedmodel xla / ...  the exported SavedModel's `denoise` signature (tf.saved_model.load), exported
                         with and without XLA (eval.py export --xla / --no-xla)
@@ -21,7 +21,7 @@ machine hits all paths alike), and the best round counts. cifar10 runs with rand
 
 Drift (digits): 1,437 samples (eval's noise, seed 0) from each TFLite model against eval's own
 float32 images: largest and mean uint8 level difference, share of pixels more than one level off,
-and the digits-classifier FD (utils.digit_classifier.digits_fd, against the 360 held-out real
+and the digits-classifier FD (utils.evaluate.digit_classifier.digits_fd, against the 360 held-out real
 digits) of each set of images.
 
     python bench/export.py                        # digits (5 rounds), then cifar10 (2 rounds)
@@ -46,10 +46,10 @@ import tensorflow as tf  # noqa: E402
 from bench.forward import randomise  # noqa: E402
 from models.configs import get_config  # noqa: E402
 from models.unet import UNet, count_parameters  # noqa: E402
-from utils.export import (TFLITE_VARIANTS, StudentExport, save_saved_model,  # noqa: E402
+from utils.evaluate.export import (TFLITE_VARIANTS, StudentExport, save_saved_model,  # noqa: E402
                           tflite_denoiser, tflite_model)
 from utils.images import to_uint8  # noqa: E402
-from utils.sampling import load_student, noise_for, student_fn  # noqa: E402
+from utils.evaluate.sampling import load_student, noise_for, student_fn  # noqa: E402
 
 THREADS = 2  # TFLite interpreter threads (TensorFlow itself uses every core: 2 here)
 DRIFT_SAMPLES = 1437  # as many as the real digits of the train split
@@ -113,7 +113,7 @@ def speed_table(paths: dict[str, Path], cfg, batches: list[int], repeats: int,
 
 
 def drift(paths: dict[str, Path], cfg) -> None:
-    from utils.digit_classifier import digits_fd
+    from utils.evaluate.digit_classifier import digits_fd
     z = noise_for(np.arange(DRIFT_SAMPLES), cfg, 0).numpy()
     ref = paths["eval xla"](z)
     print(f"  drift against eval's float32 images, {DRIFT_SAMPLES} samples (seed 0); "

@@ -3,7 +3,7 @@
 For each config and XLA setting, in one run, on the same random (z, y) batches and from the same
 randomised weights:
 
-  ours  utils/train_loop.Trainer on OneDeviceStrategy("/cpu:0"), the loss of utils/distill.py
+  ours  utils/train/loop.Trainer on OneDeviceStrategy("/cpu:0"), the loss of utils/train/distill.py
         (student_loss, summed and divided by the global batch), Adam with the config's betas/epsilon and
         linear warmup, plus the EMA update every step; `steps` calls of trainer.train_step((x, y)) per
         round, each synchronised with float(loss) as run_loop does.
@@ -49,7 +49,7 @@ from bench.forward import randomise  # noqa: E402
 from models.configs import DatasetConfig, get_config  # noqa: E402
 from models.diffusion import student_loss, student_sample  # noqa: E402
 from models.unet import UNet, official_variables  # noqa: E402
-from utils.train_loop import OptimConfig, Trainer  # noqa: E402
+from utils.train.loop import OptimConfig, Trainer  # noqa: E402
 
 
 class Student(keras.Model):

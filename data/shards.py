@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from models.fileio import atomic_write, sha256_file, write_json
+from utils.fileio import atomic_write, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from models.fileio import sha256_file, write_json
+from utils.fileio import sha256_file, write_json
 from models.configs import DatasetConfig
 from models.unet import UNet, official_variables
 
 OFFICIAL_GN_EPS = 1e-6  # tf.contrib group_norm (DDPM) and torch GroupNorm(eps=1e-6) (DDIM)
 ORIGINAL_GN_EPS = 1e-3  # tensorflow-addons' default, used by the original repo's teachers and students
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")  # shipped weights
 META_FILE = "weights.json"  # our converted checkpoint: this file + tf.train.Checkpoint prefix "weights"
 CKPT_PREFIX = "weights"
 FORMAT_VERSION = 1

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from utils import digit_classifier as dc
+from utils.evaluate import digit_classifier as dc
 from utils.images import to_uint8
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from models.configs import CONFIGS
 from models.weights import load_unet
 from tests.helpers import ROOT, run_cli, run_main
-from utils.export import tflite_denoiser, tflite_model, tflite_name
+from utils.evaluate.export import tflite_denoiser, tflite_model, tflite_name
 
 DIGITS = CONFIGS["digits"]
 STUDENT = os.path.join(ROOT, "models", "pretrained", "digits", "student")
@@ -190,14 +190,14 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
 
 
 def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    import utils.export
+    import utils.evaluate.export
 
     def broken(*args):
         raise RuntimeError("converter failed")
-    monkeypatch.setattr(utils.export, "tflite_model", broken)
+    monkeypatch.setattr(utils.evaluate.export, "tflite_model", broken)
     model, weights = load_unet(STUDENT, DIGITS)
     with pytest.raises(RuntimeError, match="converter failed"):
-        utils.export.export(str(tmp_path / "export"), model, weights, DIGITS)
+        utils.evaluate.export.export(str(tmp_path / "export"), model, weights, DIGITS)
     assert os.listdir(tmp_path) == []
 
 

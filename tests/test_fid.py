@@ -7,8 +7,8 @@ import pytest
 import scipy.linalg
 import tensorflow as tf
 
-from utils import fid
-from utils.fid import FIDError
+from utils.evaluate import fid
+from utils.evaluate.fid import FIDError
 
 # -- frechet_distance -----------------------------------------------------------------------------
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from models.configs import get_config
-from utils import digit_classifier as dc
-from utils.sampling import PRETRAINED, load_student, sample_batches, student_fn
+from utils.evaluate import digit_classifier as dc
+from models.weights import PRETRAINED
+from utils.evaluate.sampling import load_student, sample_batches, student_fn
 
 CFG = get_config("digits")
 

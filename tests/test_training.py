@@ -18,7 +18,7 @@ from models.unet import UNet, official_variables
 from models.weights import load_unet, read_converted
 from tests.helpers import ROOT, make_tiny_teacher, run_cli
 from tests.reference.official import numpy_forward, official_variable_shapes, random_params
-from utils.train_loop import OptimConfig, Trainer
+from utils.train.loop import OptimConfig, Trainer
 
 TINY = CONFIGS["tiny"]
 NET = TINY.network
@@ -69,7 +69,7 @@ def one_update(batch, accum, tmp):
 def test_learning_rate_schedule_is_warmup_then_constant_or_cosine(decay_steps):
     """Against the closed forms: lr (s+1)/W during the warmup, then lr, or with decay_steps D
     lr (1 + cos(pi (s+1-W)/(D-W)))/2, reaching 0 at D and staying there."""
-    from utils.train_loop import LinearWarmup
+    from utils.train.loop import LinearWarmup
     lr, warmup = 1e-3, 10
     schedule = LinearWarmup(lr, warmup, decay_steps)
     for s in [0, 4, 9, 10, 20, 30, 49, 60]:

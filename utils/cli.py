@@ -133,7 +133,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     from models.configs import UnknownDatasetError
     from models.weights import WeightsError
     from data.shards import PairSetError
-    from utils.fid import FIDError
+    from utils.evaluate.fid import FIDError
     try:
         code = main(argv)
     except (UserError, UnknownDatasetError, WeightsError, PairSetError, FIDError) as e:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from models.fileio import atomic_write
+from utils.fileio import atomic_write
 from utils.cli import UserError
 
 

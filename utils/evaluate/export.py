@@ -7,7 +7,7 @@ model, with a README.txt saying what is inside.
 The SavedModel's signatures:
 
 - `sample(seed: int64 [], n: int32 [])` -> {"images": uint8 [n, H, W, C]} (also `serving_default`):
-  the noise is re-derived in the graph by the same functions eval uses (utils.sampling.noise_for),
+  the noise is re-derived in the graph by the same functions eval uses (utils.evaluate.sampling.noise_for),
   so image i is bit for bit the PNG `eval.py tofolder --seed SEED` writes for index i (with the
   same --xla setting: XLA and plain kernels round a few pixels in 10^5 differently);
 - `denoise(z: float32 [N, H, W, C])` -> {"images": uint8 [N, H, W, C]}: the student's one step.
@@ -27,11 +27,11 @@ import numpy as np
 import tensorflow as tf
 
 from models.configs import DatasetConfig
-from models.fileio import atomic_dir, atomic_write
+from utils.fileio import atomic_dir, atomic_write
 from models.unet import UNet, official_variables
 from models.weights import Weights
 from utils.cli import UserError
-from utils.sampling import SAMPLE_STREAM, noise_for, student_fn
+from utils.evaluate.sampling import SAMPLE_STREAM, noise_for, student_fn
 
 TFLITE_VARIANTS = ("float32", "fp16", "int8")
 SAVED_MODEL = "saved_model"

@@ -15,12 +15,10 @@ from data.shards import example_noise
 from models.configs import DatasetConfig
 from models.diffusion import ddim_plan, ddim_sample, student_sample
 from models.unet import UNet
-from models.weights import META_FILE, Weights, WeightsError, load_unet
+from models.weights import META_FILE, PRETRAINED, Weights, WeightsError, load_unet
 from utils.images import to_uint8
 
 SAMPLE_STREAM = 2  # noise stream for evaluation samples (0 and 1 are the pair sets)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAINED = os.path.join(ROOT, "models", "pretrained")
 ORIGINAL_DIR = "./denoising_student_models"
 RELEASE = ("denoising_student_models.zip from the original release "
            "(https://drive.google.com/file/d/1tW5t3W4wqE5f0NXaaiYuFK_2JOBrf9cY)")

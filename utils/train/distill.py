@@ -26,7 +26,7 @@ from models.weights import load_unet, save_converted
 from utils.cli import UserError
 from utils.images import make_grid, save_png, to_uint8
 from utils.strategy import worker_info
-from utils.train_loop import (Logger, OptimConfig, Trainer, distributed_batches, run_loop,
+from utils.train.loop import (Logger, OptimConfig, Trainer, distributed_batches, run_loop,
                               save_run_config)
 
 MUST_MATCH_ON_RESUME = ("dataset", "batch_size", "grad_accum", "loss", "seed", "bf16")

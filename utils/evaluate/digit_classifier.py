@@ -4,8 +4,8 @@ FID's Inception never saw 8x8 digits, so the digits demo measures its samples wi
 instead: the 64-d activations of its "features" layer play the part of Inception's pool_3. Numbers
 are only comparable with other digits FDs computed with the same shipped weights.
 
-    python -m utils.digit_classifier --train     # train (seed 0) and write the shipped files
-    python -m utils.digit_classifier             # evaluate the shipped classifier
+    python -m utils.evaluate.digit_classifier --train     # train (seed 0) and write the shipped files
+    python -m utils.evaluate.digit_classifier             # evaluate the shipped classifier
 
     feats = DigitFeatures()                      # loads models/pretrained/digits/classifier
     fd = digits_fd(uint8_images)                 # [N, 8, 8, 1] uint8 -> FD against the test split
@@ -27,18 +27,18 @@ import numpy as np
 
 from utils.cli import quiet_tensorflow
 
-quiet_tensorflow()  # for `python -m utils.digit_classifier`; a no-op once TF is imported
+quiet_tensorflow()  # for `python -m utils.evaluate.digit_classifier`; a no-op once TF is imported
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from data.datasets import digits_with_labels  # noqa: E402
-from models.fileio import write_json  # noqa: E402
-from utils.fid import feature_statistics, frechet_distance  # noqa: E402
+from models.weights import PRETRAINED  # noqa: E402
+from utils.fileio import write_json  # noqa: E402
+from utils.evaluate.fid import feature_statistics, frechet_distance  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Anchored at the repository root so that loading does not depend on the working directory.
-DEFAULT_FOLDER = os.path.join(ROOT, "models", "pretrained", "digits", "classifier")
+# Beside the shipped digits models, so that loading does not depend on the working directory.
+DEFAULT_FOLDER = os.path.join(PRETRAINED, "digits", "classifier")
 CHECKPOINT_NAME = "classifier"  # -> classifier.index, classifier.data-00000-of-00001
 INFO_NAME = "classifier.json"
 FEATURES_LAYER = "features"
@@ -144,7 +144,7 @@ def load_classifier(folder: str = DEFAULT_FOLDER) -> keras.Model:
     if not os.path.exists(prefix + ".index"):
         raise ValueError(f"no digit classifier in {folder!r} (expected {CHECKPOINT_NAME}.index and "
                          f"{CHECKPOINT_NAME}.data-*; train one with "
-                         f"`python -m utils.digit_classifier --train`)")
+                         f"`python -m utils.evaluate.digit_classifier --train`)")
     model = build_classifier()
     try:
         # assert_consumed: every variable restored and nothing in the file left unused, so a
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"real-vs-real FD (train split vs test split): {fd:.4f}")
     if args.train:
         info = {"format": "tf.train.Checkpoint {variable path with / -> __: value}",
-                "architecture": "utils.digit_classifier.build_classifier",
+                "architecture": "utils.evaluate.digit_classifier.build_classifier",
                 "test_accuracy": round(acc, 6), "fd_train_vs_test": round(fd, 6),
                 "seed": args.seed, "epochs": args.epochs, "batch_size": BATCH_SIZE,
                 "learning_rate": LEARNING_RATE, "augmentation": "random 1-pixel shifts",

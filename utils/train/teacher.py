@@ -19,7 +19,7 @@ from models.weights import META_FILE, save_converted
 from utils.cli import UserError
 from utils.images import make_grid, save_png, to_uint8
 from utils.strategy import worker_info
-from utils.train_loop import Logger, OptimConfig, Trainer, distributed_batches, run_loop
+from utils.train.loop import Logger, OptimConfig, Trainer, distributed_batches, run_loop
 
 TEACHER_DIR, TEACHER_RUN = "teacher", "teacher_run"
 

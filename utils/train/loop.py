@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from models.fileio import write_json
+from utils.fileio import write_json
 from models.unet import UNet, official_variables
 from models.weights import variables_checkpoint
 from utils.cli import UserError

@@ -1,0 +1,1 @@
+"""Evaluation: sampling the shipped or trained models, FID, the digits classifier, export."""
