@@ -57,7 +57,7 @@ def bench(dataset: str, batches: list[int], repeats: int) -> None:
     graph16 = tf.function(lambda x, t: bf16(x, t))
     xla32 = tf.function(lambda x, t: f32(x, t), jit_compile=True)
     for batch in batches:
-        x = tf.random.stateless_normal([batch, net.resolution, net.resolution, net.in_ch], [0, batch])
+        x = tf.random.stateless_normal([batch, *net.image_shape], [0, batch])
         t = tf.fill([batch], 999)
         s_graph = seconds_per_call(graph32, x, t, repeats)
         s_eager = seconds_per_call(lambda x, t: f32(x, t), x, t, repeats)

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
+from utils.errors import UserError
 from utils.fileio import atomic_write, sha256_file, write_json
 
 MANIFEST = "manifest.json"
@@ -32,7 +33,7 @@ TRAIN, TEST = 0, 1  # noise streams
 _STREAM_STRIDE = 1 << 40  # keeps (stream, index) keys apart for any realistic set size
 
 
-class PairSetError(ValueError):
+class PairSetError(UserError, ValueError):
     """A pair set that is missing, incomplete, corrupt, or made with other settings."""
 
 
