@@ -142,7 +142,7 @@ def bench(dataset: str, batches: list[int], repeats: int) -> None:
         paths = {"eval xla": eval_path(model, True), "eval no-xla": eval_path(model, False),
                  **exported}
         speed_table(paths, cfg, batches, repeats, sizes)
-        if dataset == "digits":
+        if cfg.fid_features == "digit_classifier":  # drift measured as digits FD
             drift(paths, cfg)
 
 

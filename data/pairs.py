@@ -16,10 +16,10 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from data.shards import (FORMAT_VERSION, PairSetError, Shard, check_file, example_noise,
-                         layout, locked_manifest, npy_bytes, quantise_targets, read_manifest,
-                         save_npy_atomic)
+                         layout, locked_manifest, npy_bytes, read_manifest, save_npy_atomic)
 from models.configs import DatasetConfig
 from models.diffusion import ddim_fn
+from utils.images import to_uint8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +148,7 @@ def _generate_shard(sh: Shard, s: PairSettings, teacher_fn, gen_batch: int, bar,
             preview(out)
             preview = None
         x[start:start + len(idx)] = xb
-        y[start:start + len(idx)] = quantise_targets(out)
+        y[start:start + len(idx)] = to_uint8(out)  # rounded; the original truncated
         bar.update(len(idx))
     return x, y
 

@@ -33,6 +33,7 @@ from data.datasets import digits_with_labels  # noqa: E402
 from models.weights import PRETRAINED  # noqa: E402
 from utils.errors import UserError, first_line  # noqa: E402
 from utils.fileio import atomic_dir, write_json  # noqa: E402
+from utils.images import to_uint8  # noqa: E402
 from utils.evaluate.fid import feature_statistics, frechet_distance  # noqa: E402
 
 # Beside the shipped digits models, so that loading does not depend on the working directory.
@@ -213,7 +214,6 @@ def _features(features: DigitFeatures | None) -> DigitFeatures:
 
 def real_digits_uint8(split: str = "test") -> np.ndarray:
     """The real digits of a split quantised exactly like the project's PNGs (to_uint8)."""
-    from utils.images import to_uint8
     return to_uint8(digits_with_labels(split)[0])
 
 

@@ -31,7 +31,7 @@ from utils.fileio import atomic_dir, atomic_write
 from models.unet import UNet, official_variables
 from models.weights import Weights
 from utils.errors import UserError
-from models.diffusion import student_fn
+from models.diffusion import STUDENT_T, student_fn
 from utils.evaluate.sampling import SAMPLE_STREAM, noise_for
 
 TFLITE_VARIANTS = ("float32", "fp16", "int8")
@@ -137,7 +137,7 @@ def readme(cfg: DatasetConfig, weights: Weights, tflite: str, xla: bool) -> str:
                 "without XLA" if xla else "off: plain TensorFlow kernels (as eval.py --no-xla)")
     return f"""Denoising Student, {cfg.name} ({net.resolution}x{net.resolution}x{net.in_ch}), \
 written by `python eval.py export`.
-One network call: x0 = z - f(z, t=999); images are uint8 round((clip(x0, -1, 1) + 1) * 127.5),
+One network call: x0 = z - f(z, t={STUDENT_T}); images are uint8 round((clip(x0, -1, 1) + 1) * 127.5),
 halves to even (as eval.py writes its PNGs).
 
 Source weights: {weights.describe()}
