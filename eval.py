@@ -18,14 +18,11 @@ import argparse
 import os
 import time
 
+import numpy as np
+
+from models.configs import CONFIGS, get_config
 from utils.cli import (Parser, UserError, existing_dir, existing_file, output_dir, positive_int,
-                       quiet_tensorflow, run, seed_int, weights_path, writable_dir)
-
-quiet_tensorflow()
-
-import numpy as np  # noqa: E402
-
-from models.configs import CONFIGS, get_config  # noqa: E402
+                       run, seed_int, weights_path, writable_dir)
 
 
 def _dataset_arg(p: argparse.ArgumentParser) -> None:
@@ -118,14 +115,15 @@ def next_free(folder: str, stem: str) -> str:
 
 def _sampler(args, cfg):
     """The sampling function: the student's one step, or (--sampler teacher) the DDIM loop."""
-    from utils.evaluate.sampling import load_student, student_fn, teacher_fn
+    from models.diffusion import ddim_fn, student_fn
+    from utils.evaluate.sampling import load_student
     if args.sampler == "teacher":
         from models.weights import load_unet
         from utils.evaluate.sampling import default_teacher
         model, weights = load_unet(args.model_dir or default_teacher(cfg), cfg)
         print(f"teacher (DDIM, {cfg.sampler.steps} {cfg.sampler.skip_type} steps): "
               f"{weights.describe()}")
-        return teacher_fn(model, cfg, args.xla)
+        return ddim_fn(model, cfg.sampler, args.xla)
     model, weights = load_student(args.model_dir, cfg)
     print(f"student: {weights.describe()}")
     return student_fn(model, args.xla)
@@ -164,10 +162,10 @@ def cmd_tofolder(args, cfg) -> None:
 
     from utils.images import png_ok, save_png
     from utils.evaluate.sampling import sample_batches
-    res = cfg.network.resolution
+    h, w, _ = cfg.network.image_shape
     # a file that is there but does not verify (truncated, empty) is made again
     todo = np.array([i for i in range(args.n_images) if not png_ok(
-        os.path.join(args.savedir, tofolder_name(i, args.n_images)), (res, res))], np.int64)
+        os.path.join(args.savedir, tofolder_name(i, args.n_images)), (w, h))], np.int64)
     if len(todo) == 0:
         print(f"all {args.n_images} images already in {args.savedir}")
         return
@@ -214,7 +212,7 @@ def cmd_fid(args, cfg) -> None:
         images = (b for _, b in sample_batches(sample, cfg, np.arange(args.n_images),
                                                args.batch_size, args.seed))
         total = args.n_images
-    if cfg.name == "digits":
+    if cfg.fid_features == "digit_classifier":
         from utils.evaluate.digit_classifier import digits_fd
         batches = list(images)
         print(f"digits-classifier FD ({total} samples vs real held-out digits): "
@@ -257,7 +255,8 @@ def cmd_speed(args, cfg) -> None:
 
     from models.unet import UNet
     from models.weights import WeightsError
-    from utils.evaluate.sampling import load_student, noise_for, student_fn, teacher_fn
+    from models.diffusion import STUDENT_T, ddim_fn, ddim_plan, student_fn
+    from utils.evaluate.sampling import load_student, noise_for
     try:
         model, weights = load_student(args.model_dir, cfg)
         print(f"weights: {weights.describe()}")
@@ -269,12 +268,12 @@ def cmd_speed(args, cfg) -> None:
               f"on the architecture")
     z = noise_for(np.arange(args.batch_size), cfg, 0)
     # t is built inside, as in the student, so both let XLA fold the constant timestep embedding
-    bare = tf.function(lambda v: model(v, tf.fill([tf.shape(v)[0]], 999)), jit_compile=args.xla)
+    bare = tf.function(lambda v: model(v, tf.fill([tf.shape(v)[0]], STUDENT_T)),
+                       jit_compile=args.xla)
     s_bare = best_seconds(bare, z, args.repeats)
     s_student = best_seconds(student_fn(model, args.xla), z, args.repeats)
-    teacher = teacher_fn(model, cfg, args.xla)  # same network, so the same cost per call
+    teacher = ddim_fn(model, cfg.sampler, args.xla)  # same network, so the same cost per call
     s_teacher = best_seconds(teacher, z, max(1, args.repeats - 2))
-    from models.diffusion import ddim_plan
     calls = ddim_plan(cfg.sampler).n_calls
     b = args.batch_size
     print(f"device: {tf.config.list_logical_devices()[-1].name}, batch {b}, xla {args.xla}")
@@ -285,7 +284,7 @@ def cmd_speed(args, cfg) -> None:
 
 
 def cmd_info(args, cfg) -> None:
-    from models.diffusion import ddim_plan, timestep_sequence
+    from models.diffusion import STUDENT_T, ddim_plan, timestep_sequence
     from models.unet import UNet, count_parameters
     net, smp, pairs, tr = cfg.network, cfg.sampler, cfg.pairs, cfg.train
     plan = ddim_plan(smp)
@@ -297,10 +296,12 @@ def cmd_info(args, cfg) -> None:
     print(f"teacher: {cfg.teacher}")
     print(f"teacher sampler: DDIM eta={smp.eta:g}, {smp.steps} {smp.skip_type} steps "
           f"(t up to {max(timestep_sequence(smp))}), network calls: {plan.n_calls}")
-    print(f"student: 1 network call at t=999 (speed-up in calls: {plan.n_calls}x)")
+    print(f"student: 1 network call at t={STUDENT_T} (speed-up in calls: {plan.n_calls}x)")
     print(f"pairs: {pairs.n_examples:,} train in shards of {pairs.shard_size:,}, {pairs.n_test:,} test")
-    print(f"training: batch {tr.batch_size}, loss {tr.loss}, lr {tr.lr:g} (warmup {tr.warmup_steps}), "
-          f"adam betas ({tr.beta_1:g}, {tr.beta_2:g}) eps {tr.epsilon:g}, ema {tr.ema_decay:g}, "
+    opt = tr.optim
+    print(f"training: batch {tr.batch_size}, loss {tr.loss}, lr {opt.lr:g} (warmup {opt.warmup_steps}"
+          f", then {opt.lr_decay}), adam betas ({opt.beta_1:g}, {opt.beta_2:g}) eps {opt.epsilon:g}, "
+          f"ema {opt.ema_decay:g}, "
           f"epochs {tr.epochs}")
 
 

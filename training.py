@@ -13,17 +13,15 @@ tf.distribute strategy. Everything resumes where it stopped when run again with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
 
-from utils.cli import (Parser, UserError, existing_dir, nonempty, nonneg_int, output_dir,
-                       positive_float, positive_int, quiet_tensorflow, run, seed_int,
-                       unit_interval, weights_path, writable_dir)
-
-quiet_tensorflow()
-
-from models.configs import CKPT_EVERY, CONFIGS, DatasetConfig, get_config  # noqa: E402
+from models.configs import (CKPT_EVERY, CONFIGS, DatasetConfig, OptimConfig, TrainConfig,
+                            get_config, real_images_source)
+from utils.cli import (Parser, UserError, add_flags, existing_dir, nonempty, output_dir, overridden,
+                       positive_int, run, seed_int, weights_path, writable_dir)
 
 DEFAULT_TEACHER_DIRS = ("./teachers", "./official_models", "./Original_Models")
 
@@ -77,20 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the teacher loop and the training step with XLA")
     d.add_argument("--no_progress", action="store_true", help="no progress bars")
     t = p.add_argument_group("student training (stage 2; defaults: the paper's, per dataset)")
-    t.add_argument("--batch_size", type=positive_int, help="global batch per optimizer update")
+    add_flags(t, TrainConfig)  # --batch_size --loss --epochs
+    add_flags(t, OptimConfig)  # --lr --warmup_steps --ema_decay --beta_1 --beta_2 ...
     t.add_argument("--grad_accum", type=positive_int, default=1,
                    help="accumulate K micro-batches of batch_size/K per update (same update as "
                         "one step at the full batch, in 1/K of the memory)")
-    t.add_argument("--epochs", type=positive_float, help="epochs over the training pairs")
-    t.add_argument("--lr", type=positive_float, help="peak learning rate")
-    t.add_argument("--warmup_steps", type=nonneg_int, help="linear warmup steps")
-    t.add_argument("--beta_1", type=unit_interval, help="Adam beta_1")
-    t.add_argument("--beta_2", type=unit_interval, help="Adam beta_2")
-    t.add_argument("--adam_epsilon", type=positive_float, help="Adam epsilon")
-    t.add_argument("--ema_decay", type=unit_interval, help="EMA decay of the weights")
-    t.add_argument("--loss", choices=["l1", "l2"], help="l1 (cifar10) or l2 (others)")
-    t.add_argument("--lr_decay", choices=["constant", "cosine"],
-                   help="after the warmup: constant (the paper's) or cosine decay to zero")
     t.add_argument("--ckpt_every", type=positive_int, default=None,
                    help=f"steps between checkpoints (student: default {CKPT_EVERY}, and at each "
                         f"epoch end; teacher: default a tenth of its steps, at most {CKPT_EVERY})")
@@ -129,20 +118,12 @@ def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy=None)
 
 def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str:
     """Stage 0: train a DDPM teacher on real images (resumes if interrupted)."""
-    from data.datasets import DatasetError, real_images
-    from models.configs import TeacherTrainConfig
+    from data.datasets import real_images
     from utils.train.teacher import train_teacher
     if strategy is None:
         raise UserError(f"no trained teacher in {args.savedir}")
-    if cfg.teacher_train is None:  # a user's dataset on a network without teacher settings
-        cfg = cfg.replace(teacher_train=TeacherTrainConfig(
-            batch_size=128, lr=2e-4, warmup_steps=5000, steps=800_000, ema_decay=0.9999))
     name = args.teacher_dataset or cfg.name
-    net = cfg.network
-    try:
-        images = real_images(name, net.resolution, net.in_ch, "train", args.data_dir)
-    except DatasetError as e:
-        raise UserError(str(e)) from None
+    images = real_images(real_images_source(name), cfg.network.image_shape, "train", args.data_dir)
     writable_dir(args.savedir, "SAVEDIR")
     print(f"teacher: training a DDPM on {len(images):,} {name} images")
     return train_teacher(cfg, images, strategy, args.savedir, seed=args.seed,
@@ -159,8 +140,8 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
     from utils.images import make_grid, save_png, to_uint8
     from utils.strategy import worker_info
 
-    folder = args.datadir or os.path.join("./datasets", cfg.name)
-    shape = (cfg.network.resolution, cfg.network.resolution, cfg.network.in_ch)
+    folder = pair_folder(args, cfg)
+    shape = cfg.network.image_shape
     manifest = read_manifest(folder) if os.path.isdir(folder) else None
     if args.no_generate or (manifest is None and os.path.isdir(folder)
                             and any(f.startswith("y_train_") for f in os.listdir(folder))):
@@ -173,7 +154,7 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
                             shard_size=args.shard_size, n_test=args.n_test, compact=args.compact,
                             fewer=args.use_fewer_lsun_examples, teacher_sha256=weights.sha256)
     gen_batch = (args.gen_batch_size or cfg.pairs.gen_batch_size
-                 or 2 * (args.batch_size or cfg.train.batch_size))
+                 or 2 * student_settings(args, cfg).train.batch_size)
     preview_path = os.path.join(folder, "preview.png")
 
     def preview(images):
@@ -184,19 +165,18 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
     return folder
 
 
-def student_settings(args: argparse.Namespace, cfg: DatasetConfig) -> dict:
+def pair_folder(args: argparse.Namespace, cfg: DatasetConfig) -> str:
+    return args.datadir or os.path.join("./datasets", cfg.name)
+
+
+def student_settings(args: argparse.Namespace, cfg: DatasetConfig):
     """The paper's per-dataset values, overridden by flags; written to SAVEDIR/config.json."""
-    tr = cfg.train
-    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
-    return {"dataset": cfg.name, "batch_size": pick(args.batch_size, tr.batch_size),
-            "grad_accum": args.grad_accum, "epochs": pick(args.epochs, tr.epochs),
-            "lr": pick(args.lr, tr.lr), "warmup_steps": pick(args.warmup_steps, tr.warmup_steps),
-            "beta_1": pick(args.beta_1, tr.beta_1), "beta_2": pick(args.beta_2, tr.beta_2),
-            "epsilon": pick(args.adam_epsilon, tr.epsilon),
-            "ema_decay": pick(args.ema_decay, tr.ema_decay), "loss": pick(args.loss, tr.loss),
-            "lr_decay": pick(args.lr_decay, tr.lr_decay),
-            "seed": args.seed, "student_t": tr.student_t, "bf16": args.bf16, "xla": args.xla,
-            "ckpt_every": pick(args.ckpt_every, CKPT_EVERY), "n_eval": args.n_eval}
+    from utils.train.distill import StudentSettings
+    train = overridden(args, cfg.train)
+    return StudentSettings(
+        dataset=cfg.name, train=dataclasses.replace(train, optim=overridden(args, train.optim)),
+        seed=args.seed, grad_accum=args.grad_accum, bf16=args.bf16, xla=args.xla,
+        ckpt_every=args.ckpt_every or CKPT_EVERY, n_eval=args.n_eval)
 
 
 def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder: str,
@@ -225,20 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     # every flag was checked by its argparse type; what remains needs the data or the devices
     if args.no_generate:  # fail on a missing pair set before any teacher work
         from data.shards import open_pair_set
-        net = cfg.network
-        open_pair_set(args.datadir or os.path.join("./datasets", cfg.name),
-                      (net.resolution, net.resolution, net.in_ch))
+        open_pair_set(pair_folder(args, cfg), cfg.network.image_shape)
     strategy = make_strategy(args.tpu, args.devices, args.cpu_replicas)
     if not args.generate_only:  # as the student's trainer will need, but before any work
         from utils.train.loop import check_batch_split
         s = student_settings(args, cfg)
-        check_batch_split(s["batch_size"], strategy.num_replicas_in_sync, s["grad_accum"])
+        check_batch_split(s.train.batch_size, strategy.num_replicas_in_sync, s.grad_accum)
     teacher_path = resolve_teacher(args, cfg, strategy)
     folder = stage_pairs(args, cfg, strategy, teacher_path)
     print(f"pairs: complete in {folder}")
     if not args.generate_only:
         stage_student(args, cfg, strategy, folder, teacher_path)
     return 0
+
 
 if __name__ == "__main__":
     run(main)

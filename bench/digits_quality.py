@@ -35,7 +35,8 @@ from models.configs import SamplerConfig, get_config  # noqa: E402
 from models.diffusion import ddim_plan, ddim_sample  # noqa: E402
 from models.weights import load_unet  # noqa: E402
 from utils.evaluate import digit_classifier as dc  # noqa: E402
-from utils.evaluate.sampling import default_teacher, load_student, sample_batches, student_fn  # noqa: E402
+from models.diffusion import student_fn  # noqa: E402
+from utils.evaluate.sampling import default_teacher, load_student, sample_batches  # noqa: E402
 
 CFG = get_config("digits")
 

@@ -4,7 +4,7 @@ models.
 For each config, in one run and on the same noise: batch-1 latency (ms per image) and batch-64
 throughput (images/s) of
 
-  eval xla / no-xla     eval.py's path: utils.evaluate.sampling.student_fn (one compiled network call), then
+  eval xla / no-xla     eval.py's path: models.diffusion.student_fn (one compiled network call), then
                         utils.images.to_uint8
   savedmodel xla / ...  the exported SavedModel's `denoise` signature (tf.saved_model.load), exported
                         with and without XLA (eval.py export --xla / --no-xla)
@@ -49,7 +49,8 @@ from models.unet import UNet, count_parameters  # noqa: E402
 from utils.evaluate.export import (TFLITE_VARIANTS, StudentExport, save_saved_model,  # noqa: E402
                           tflite_denoiser, tflite_model)
 from utils.images import to_uint8  # noqa: E402
-from utils.evaluate.sampling import load_student, noise_for, student_fn  # noqa: E402
+from models.diffusion import student_fn  # noqa: E402
+from utils.evaluate.sampling import load_student, noise_for  # noqa: E402
 
 THREADS = 2  # TFLite interpreter threads (TensorFlow itself uses every core: 2 here)
 DRIFT_SAMPLES = 1437  # as many as the real digits of the train split
@@ -141,7 +142,7 @@ def bench(dataset: str, batches: list[int], repeats: int) -> None:
         paths = {"eval xla": eval_path(model, True), "eval no-xla": eval_path(model, False),
                  **exported}
         speed_table(paths, cfg, batches, repeats, sizes)
-        if dataset == "digits":
+        if cfg.fid_features == "digit_classifier":  # drift measured as digits FD
             drift(paths, cfg)
 
 

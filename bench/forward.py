@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from models.configs import get_config  # noqa: E402
+from models.diffusion import STUDENT_T  # noqa: E402
 from models.unet import UNet, official_variables  # noqa: E402
 
 DEFAULT_BATCHES = {"cifar10": [1, 64], "celeba": [1, 16], "lsun_church": [1], "lsun_bedroom": [1]}
@@ -57,8 +58,8 @@ def bench(dataset: str, batches: list[int], repeats: int) -> None:
     graph16 = tf.function(lambda x, t: bf16(x, t))
     xla32 = tf.function(lambda x, t: f32(x, t), jit_compile=True)
     for batch in batches:
-        x = tf.random.stateless_normal([batch, net.resolution, net.resolution, net.in_ch], [0, batch])
-        t = tf.fill([batch], 999)
+        x = tf.random.stateless_normal([batch, *net.image_shape], [0, batch])
+        t = tf.fill([batch], STUDENT_T)
         s_graph = seconds_per_call(graph32, x, t, repeats)
         s_eager = seconds_per_call(lambda x, t: f32(x, t), x, t, repeats)
         s_bf16 = seconds_per_call(graph16, x, t, repeats)

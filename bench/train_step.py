@@ -49,7 +49,7 @@ from bench.forward import randomise  # noqa: E402
 from models.configs import DatasetConfig, get_config  # noqa: E402
 from models.diffusion import student_loss, student_sample  # noqa: E402
 from models.unet import UNet, official_variables  # noqa: E402
-from utils.train.loop import OptimConfig, Trainer  # noqa: E402
+from utils.train.loop import Trainer  # noqa: E402
 
 
 class Student(keras.Model):
@@ -75,7 +75,7 @@ def batch_loss(kind: str) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
 def random_data(cfg: DatasetConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n pairs: z ~ N(0, I), y uniform in [-1, 1] (dequantised targets), float32."""
     rng = np.random.default_rng(0)
-    shape = (n, cfg.network.resolution, cfg.network.resolution, cfg.network.in_ch)
+    shape = (n, *cfg.network.image_shape)
     return (rng.standard_normal(shape).astype(np.float32),
             rng.uniform(-1.0, 1.0, shape).astype(np.float32))
 
@@ -88,11 +88,10 @@ def ours_timer(cfg: DatasetConfig, source: UNet, data: list, xla: bool, dtype: s
                savedir: str) -> tuple[Timer, float]:
     """Trainer.train_step over every batch of `data`, and the seconds of its warm-up step."""
     t = cfg.train
-    opt = OptimConfig(t.lr, t.warmup_steps, t.beta_1, t.beta_2, t.epsilon, t.ema_decay,
-                      int(data[0][0].shape[0]))
     trainer = Trainer(tf.distribute.OneDeviceStrategy("/cpu:0"),
-                      lambda: UNet(cfg.network, compute_dtype=dtype), opt,
-                      lambda model, x, y, step: student_loss(model, x, y, t.loss), savedir, xla)
+                      lambda: UNet(cfg.network, compute_dtype=dtype), t.optim,
+                      lambda model, x, y, step: student_loss(model, x, y, t.loss), savedir,
+                      global_batch=int(data[0][0].shape[0]), xla=xla)
     trainer.init_from(source)
     start = time.perf_counter()
     float(trainer.train_step(data[0]))  # warm-up: tracing, XLA compilation
@@ -120,13 +119,13 @@ def fit_timer(cfg: DatasetConfig, source: UNet, z: np.ndarray, y: np.ndarray, ba
               xla: bool) -> tuple[Timer, Timer, float]:
     """model.fit over len(z) // batch steps: seconds per step counting the steps only, and the whole
     call; and the seconds of the warm-up fit (1 step). The two timers read the same fit call."""
-    t = cfg.train
+    t, opt = cfg.train, cfg.train.optim
     unet = UNet(cfg.network)
     for name, var in official_variables(unet).items():
         var.assign(official_variables(source)[name])
     model = Student(unet)
-    model.compile(optimizer=keras.optimizers.Adam(t.lr, beta_1=t.beta_1, beta_2=t.beta_2,
-                                                  epsilon=t.epsilon),
+    model.compile(optimizer=keras.optimizers.Adam(opt.lr, beta_1=opt.beta_1, beta_2=opt.beta_2,
+                                                  epsilon=opt.epsilon),
                   loss=batch_loss(t.loss), jit_compile=xla)
     steps, clock, last = len(z) // batch, _StepClock(), {}
     start = time.perf_counter()

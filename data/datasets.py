@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.configs import SKLEARN_DIGITS
+from utils.errors import UserError
 
-class DatasetError(ValueError):
-    pass
+
+class DatasetError(UserError, ValueError):
+    """Real images that cannot be had: an unknown or unprepared dataset, an unknown split."""
 
 
 def digits(split: str = "train") -> np.ndarray:
@@ -59,8 +62,11 @@ def tfds_images(name: str, resolution: int, channels: int, split: str = "train",
     return np.stack(out).astype(np.float32)
 
 
-def real_images(dataset: str, resolution: int, channels: int, split: str = "train",
+def real_images(source: str, image_shape: tuple[int, int, int], split: str = "train",
                 data_dir: str | None = None) -> np.ndarray:
-    if dataset == "digits":
+    """The images of `source` (a DatasetConfig.real_images: SKLEARN_DIGITS or a tfds name) at
+    image_shape (height, width, channels); the digits come at their native 8x8x1."""
+    if source == SKLEARN_DIGITS:
         return digits(split)
-    return tfds_images(dataset, resolution, channels, split, data_dir)
+    height, _, channels = image_shape
+    return tfds_images(source, height, channels, split, data_dir)

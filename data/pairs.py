@@ -16,10 +16,10 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from data.shards import (FORMAT_VERSION, PairSetError, Shard, check_file, example_noise,
-                         layout, locked_manifest, npy_bytes, quantise_targets, read_manifest,
-                         save_npy_atomic)
+                         layout, locked_manifest, npy_bytes, read_manifest, save_npy_atomic)
 from models.configs import DatasetConfig
-from models.diffusion import ddim_plan, ddim_sample
+from models.diffusion import ddim_fn
+from utils.images import to_uint8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ def settings_for(cfg: DatasetConfig, *, seed: int, n_examples: int | None = None
         n_examples = p.n_examples_fewer if fewer and p.n_examples_fewer else p.n_examples
     return PairSettings(cfg.name, seed, n_examples, shard_size or p.shard_size,
                         p.n_test if n_test is None else n_test, compact,
-                        (net.resolution, net.resolution, net.in_ch),
+                        net.image_shape,
                         dataclasses.asdict(cfg.sampler), teacher_sha256)
 
 
@@ -59,15 +59,10 @@ def make_teacher_fn(teacher: Callable, cfg: DatasetConfig, strategy: tf.distribu
                     xla: bool) -> Callable[[np.ndarray], np.ndarray]:
     """X_T [B, H, W, C] -> teacher DDIM output in [-1, 1] (unclipped), the batch split over the
     replicas of this worker. One compiled while-loop per replica."""
-    plan = ddim_plan(cfg.sampler)
     local = strategy.extended.worker_devices
     # XLA inside strategy.run with mirrored variables fails ("variable on a different device");
     # compile only where one replica runs per worker (TPUs compile anyway).
-    xla = xla and len(local) == 1
-
-    @tf.function(jit_compile=xla)
-    def sample(x):
-        return ddim_sample(lambda v, t: teacher(v, t, training=False), x, plan)
+    sample = ddim_fn(teacher, cfg.sampler, xla and len(local) == 1)
 
     @tf.function
     def distributed(x):
@@ -153,7 +148,7 @@ def _generate_shard(sh: Shard, s: PairSettings, teacher_fn, gen_batch: int, bar,
             preview(out)
             preview = None
         x[start:start + len(idx)] = xb
-        y[start:start + len(idx)] = quantise_targets(out)
+        y[start:start + len(idx)] = to_uint8(out)  # rounded; the original truncated
         bar.update(len(idx))
     return x, y
 

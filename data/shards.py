@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
+from utils.errors import UserError
 from utils.fileio import atomic_write, sha256_file, write_json
 
 MANIFEST = "manifest.json"
@@ -32,7 +33,7 @@ TRAIN, TEST = 0, 1  # noise streams
 _STREAM_STRIDE = 1 << 40  # keeps (stream, index) keys apart for any realistic set size
 
 
-class PairSetError(ValueError):
+class PairSetError(UserError, ValueError):
     """A pair set that is missing, incomplete, corrupt, or made with other settings."""
 
 
@@ -77,12 +78,8 @@ def example_noise(indices: tf.Tensor, seed: int | tf.Tensor, stream: int,
     return tf.cast(tf.cast(x, tf.float16), tf.float32)
 
 
-def quantise_targets(y: np.ndarray) -> np.ndarray:
-    """Teacher images in [-1, 1] -> uint8, rounded (the original truncated, biasing by -0.5 levels)."""
-    return np.rint((np.clip(y, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-
-
 def dequantise_targets(y: tf.Tensor) -> tf.Tensor:
+    """Stored uint8 targets (utils.images.to_uint8 of the teacher's images) -> [-1, 1] floats."""
     return tf.cast(y, tf.float32) / 127.5 - 1.0
 
 

@@ -12,12 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.cli import Parser, output_dir, quiet_tensorflow, run, weights_path
-
-quiet_tensorflow()
-
-from models.configs import CONFIGS, get_config  # noqa: E402
-from models.weights import load_unet, save_converted  # noqa: E402
+from models.configs import CONFIGS, get_config
+from utils.cli import Parser, output_dir, run, weights_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true",
                    help="use the raw training weights instead of the EMA weights (TF1 and .pth only)")
     args = p.parse_args(argv)
+    from models.weights import load_unet, save_converted  # TensorFlow: after run() quietened it
     cfg = get_config(args.dataset)
     model, weights = load_unet(args.source, cfg, ema=not args.raw)
     print(f"read {weights.describe()}")

@@ -99,6 +99,20 @@ def ddim_sample(eps_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], x_T: tf.Ten
     return x
 
 
+def ddim_fn(model: Callable, cfg: SamplerConfig, xla: bool = False
+            ) -> Callable[[tf.Tensor], tf.Tensor]:
+    """z -> x0 by the DDIM loop over the network `model` (it predicts eps), compiled: one
+    while-loop with one network call per step. Also runs inside strategy.run."""
+    plan = ddim_plan(cfg)
+    return tf.function(lambda z: ddim_sample(lambda x, t: model(x, t, training=False), z, plan),
+                       jit_compile=xla, reduce_retracing=True)
+
+
+def student_fn(model: Callable, xla: bool = False) -> Callable[[tf.Tensor], tf.Tensor]:
+    """z -> x0 by the student's one network call, compiled."""
+    return tf.function(lambda z: student_sample(model, z), jit_compile=xla, reduce_retracing=True)
+
+
 def student_sample(model: Callable, z: tf.Tensor, t: int = STUDENT_T) -> tf.Tensor:
     """The student's one-step map x0 = z - f(z, t=999) (linear output; clip only when saving)."""
     return z - tf.cast(model(z, tf.fill([tf.shape(z)[0]], t), training=False), z.dtype)

@@ -13,15 +13,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import tensorflow as tf
 
-from utils.fileio import sha256_file, write_json
+from utils.errors import UserError
+from utils.fileio import atomic_dir, sha256_file, write_json
 from models.configs import DatasetConfig
 from models.unet import UNet, official_variables
 
@@ -33,7 +32,7 @@ CKPT_PREFIX = "weights"
 FORMAT_VERSION = 1
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weight file that cannot be used as asked: missing, corrupt, or for another network."""
 
 
@@ -320,21 +319,11 @@ def save_converted(model: UNet, out_dir: str, meta: dict, replace: bool = False)
     """
     if os.path.exists(out_dir) and not replace and os.listdir(out_dir):
         raise WeightsError(f"{out_dir} already holds files; choose another directory")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
-    variables_checkpoint(model).write(os.path.join(tmp, CKPT_PREFIX))
-    write_json(os.path.join(tmp, META_FILE), {"format_version": FORMAT_VERSION,
-                                              "gn_eps": model.cfg.gn_eps,
-                                              "network": asdict(model.cfg), **meta})
-    os.chmod(tmp, 0o755)
-    if os.path.exists(out_dir):
-        old = tmp + ".old"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
+    with atomic_dir(out_dir, replace=True) as tmp:
+        variables_checkpoint(model).write(os.path.join(tmp, CKPT_PREFIX))
+        write_json(os.path.join(tmp, META_FILE), {"format_version": FORMAT_VERSION,
+                                                  "gn_eps": model.cfg.gn_eps,
+                                                  "network": asdict(model.cfg), **meta})
     return out_dir
 
 

@@ -1,5 +1,5 @@
-"""The sampler math against independent references: REFERENCE.md's definitions re-derived in NumPy
-and the closed-form optimal noise predictor for Gaussian data."""
+"""The sampler math against independent references: the definitions of docs/facts.md re-derived in
+NumPy and the closed-form optimal noise predictor for Gaussian data."""
 import math
 
 import numpy as np

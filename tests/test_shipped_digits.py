@@ -11,7 +11,8 @@ import pytest
 from models.configs import get_config
 from utils.evaluate import digit_classifier as dc
 from models.weights import PRETRAINED
-from utils.evaluate.sampling import load_student, sample_batches, student_fn
+from models.diffusion import student_fn
+from utils.evaluate.sampling import load_student, sample_batches
 
 CFG = get_config("digits")
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models.configs import CONFIGS
+from models.configs import CONFIGS, OptimConfig
 from models.diffusion import student_loss
 from models.unet import UNet, official_variables
 from models.weights import load_unet, read_converted
 from tests.helpers import ROOT, make_tiny_teacher, run_cli
 from tests.reference.official import numpy_forward, official_variable_shapes, random_params
-from utils.train.loop import OptimConfig, Trainer
+from utils.train.loop import Trainer
 
 TINY = CONFIGS["tiny"]
 NET = TINY.network
@@ -53,9 +53,10 @@ def one_update(batch, accum, tmp):
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     # Adam's first step is lr * g / (|g| + eps): with a tiny eps it turns rounding noise in near-zero
     # gradients (biases followed by GroupNorm) into +-lr; eps = 1 keeps the update proportional to g.
-    opt = OptimConfig(1.0, 1, 0.9, 0.98, 1.0, 0.5, global_batch=batch, grad_accum=accum)
+    opt = OptimConfig(lr=1.0, warmup_steps=1, beta_1=0.9, beta_2=0.98, epsilon=1.0, ema_decay=0.5)
     trainer = Trainer(strategy, lambda: UNet(NET), opt,
-                      lambda m, x, y, step: student_loss(m, x, y, "l2"), str(tmp))
+                      lambda m, x, y, step: student_loss(m, x, y, "l2"), str(tmp),
+                      global_batch=batch, grad_accum=accum)
     trainer.init_from(tiny_model())
     rng = np.random.default_rng(1)
     x = tf.constant(rng.standard_normal((batch, 16, 16, 3)), tf.float32)

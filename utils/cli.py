@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 from typing import Callable
 
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
+from utils.errors import UserError
 
 
 def quiet_tensorflow() -> None:
@@ -121,6 +120,29 @@ def nonempty(text: str) -> str:
     return text
 
 
+# -- override flags generated from a dataclass's fields ----------------------------------------
+# A field whose metadata has "help" becomes `--NAME` (or `--{metadata["flag"]}`), default None:
+# an unset flag keeps the configured value.
+
+def _flag_fields(cls) -> list[tuple[dataclasses.Field, str]]:
+    return [(f, f.metadata.get("flag") or f.name) for f in dataclasses.fields(cls)
+            if "help" in f.metadata]
+
+
+def add_flags(group, cls) -> None:
+    """Add an override flag to `group` for each flag field of the dataclass `cls`."""
+    for f, name in _flag_fields(cls):
+        group.add_argument(f"--{name}", dest=name, type=f.metadata.get("type"),
+                           choices=f.metadata.get("choices"), help=f.metadata["help"])
+
+
+def overridden(args: argparse.Namespace, config):
+    """`config` (a dataclass instance) with the fields whose flags were given replaced."""
+    given = {f.name: getattr(args, name) for f, name in _flag_fields(type(config))
+             if getattr(args, name, None) is not None}
+    return dataclasses.replace(config, **given)
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage block), like every other error here."""
 
@@ -129,14 +151,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Call main; turn UserError (and unknown-dataset errors) into `error: ...` and exit 2."""
-    from models.configs import UnknownDatasetError
-    from models.weights import WeightsError
-    from data.shards import PairSetError
-    from utils.evaluate.fid import FIDError
+    """The entry points' wrapper: quiet TensorFlow, call main, turn any UserError (the base of
+    every user-facing error) into one `error: ...` line with exit code 2."""
+    quiet_tensorflow()
     try:
         code = main(argv)
-    except (UserError, UnknownDatasetError, WeightsError, PairSetError, FIDError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,5 +1,4 @@
-"""File helpers for every module (here because models/ is the bottom layer of the imports):
-atomic writes and checksums.
+"""File helpers for every layer: atomic writes of files and folders, JSON, checksums.
 
 A file (or folder) appears under its final name only when complete: it is written to a temporary
 name in the same folder, flushed to disk, then renamed. A killed run leaves at most a `.tmp-*`
@@ -35,16 +34,24 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str) -> Iterator[str]:
+def atomic_dir(path: str, replace: bool = False) -> Iterator[str]:
     """A folder written in full or not at all: yields a temporary sibling, renamed to `path` on
-    success (`path` must be absent or an empty folder), removed on failure."""
-    parent = os.path.dirname(os.path.abspath(path))
+    success, removed on failure. `path` must be absent or an empty folder, unless `replace`: then
+    an existing `path` is swapped out after the new folder is complete (two renames)."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(os.path.abspath(path))}-")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
-        os.rename(tmp, path)  # replaces an empty folder; fails on a non-empty one
+        if replace and os.path.exists(path):
+            old = tmp + ".old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)  # replaces an empty folder; fails on a non-empty one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

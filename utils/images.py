@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from utils.fileio import atomic_write
-from utils.cli import UserError
+from utils.errors import UserError
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

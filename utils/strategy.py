@@ -11,7 +11,7 @@ import urllib.error
 
 import tensorflow as tf
 
-from utils.cli import UserError
+from utils.errors import UserError, first_line
 
 
 def split_cpu(n: int) -> None:
@@ -76,8 +76,7 @@ def _reason(e: BaseException) -> str:
     """The first line of an error; a TPU name is looked up through the GCE metadata server."""
     if isinstance(e, urllib.error.URLError):
         return f"address lookup failed ({e.reason})"
-    lines = (getattr(e, "message", None) or str(e)).strip().splitlines()  # OpError: no node text
-    return lines[0] if lines else type(e).__name__
+    return first_line(e)
 
 
 def _tf_config() -> dict:

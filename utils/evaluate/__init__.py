@@ -1,1 +1,2 @@
-"""Evaluation: sampling the shipped or trained models, FID, the digits classifier, export."""
+"""Layer 3, evaluation: sampling the shipped or trained models, FID, the digits classifier, export.
+Imports base, models and data; never utils/train."""

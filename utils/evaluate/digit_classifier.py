@@ -19,22 +19,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import sys
-import tempfile
 
 import numpy as np
 
-from utils.cli import quiet_tensorflow
-
-quiet_tensorflow()  # for `python -m utils.evaluate.digit_classifier`; a no-op once TF is imported
+if __name__ == "__main__":  # `python -m utils.evaluate.digit_classifier`: quiet before TF loads
+    from utils.cli import quiet_tensorflow
+    quiet_tensorflow()
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from data.datasets import digits_with_labels  # noqa: E402
 from models.weights import PRETRAINED  # noqa: E402
-from utils.fileio import write_json  # noqa: E402
+from utils.errors import UserError, first_line  # noqa: E402
+from utils.fileio import atomic_dir, write_json  # noqa: E402
+from utils.images import to_uint8  # noqa: E402
 from utils.evaluate.fid import feature_statistics, frechet_distance  # noqa: E402
 
 # Beside the shipped digits models, so that loading does not depend on the working directory.
@@ -48,6 +47,10 @@ IMAGE_SHAPE = (8, 8, 1)
 DEFAULT_EPOCHS = 60
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
+
+
+class ClassifierError(UserError, ValueError):
+    """No usable digit classifier in the folder asked for."""
 
 
 # -- the network ----------------------------------------------------------------------------------
@@ -119,30 +122,20 @@ def _checkpoint(model: keras.Model) -> tf.train.Checkpoint:
 
 def save_classifier(model: keras.Model, folder: str = DEFAULT_FOLDER,
                     info: dict | None = None) -> None:
-    """Write the weights (classifier.index/.data-*) and, if given, classifier.json into folder.
-
-    The checkpoint is written in a temporary folder beside it and its files are moved in data
-    first and index last, so a killed run never leaves an index pointing at missing data.
-    """
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=folder, prefix=".tmp-classifier-")
-    try:
+    """Write the weights (classifier.index/.data-*) and, if given, classifier.json as the folder's
+    whole content; the folder is replaced only once complete (a killed run leaves the old one)."""
+    with atomic_dir(folder, replace=True) as tmp:
         _checkpoint(model).write(os.path.join(tmp, CHECKPOINT_NAME))
-        names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".index"))
-        for name in names:
-            os.chmod(os.path.join(tmp, name), 0o644)
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if info is not None:
-        write_json(os.path.join(folder, INFO_NAME), info)
+        if info is not None:
+            write_json(os.path.join(tmp, INFO_NAME), info)
 
 
 def load_classifier(folder: str = DEFAULT_FOLDER) -> keras.Model:
-    """Build the architecture and restore the weights from folder; ValueError if missing/unusable."""
+    """Build the architecture and restore the weights from folder; ClassifierError if missing or
+    unusable."""
     prefix = os.path.join(folder, CHECKPOINT_NAME)
     if not os.path.exists(prefix + ".index"):
-        raise ValueError(f"no digit classifier in {folder!r} (expected {CHECKPOINT_NAME}.index and "
+        raise ClassifierError(f"no digit classifier in {folder!r} (expected {CHECKPOINT_NAME}.index and "
                          f"{CHECKPOINT_NAME}.data-*; train one with "
                          f"`python -m utils.evaluate.digit_classifier --train`)")
     model = build_classifier()
@@ -151,8 +144,8 @@ def load_classifier(folder: str = DEFAULT_FOLDER) -> keras.Model:
         # checkpoint of another architecture cannot load half-way.
         _checkpoint(model).read(prefix).assert_consumed()
     except (tf.errors.OpError, AssertionError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load the digit classifier from {folder!r}: {first}") from None
+        raise ClassifierError(f"cannot load the digit classifier from {folder!r}: "
+                              f"{first_line(e)}") from None
     return model
 
 
@@ -221,7 +214,6 @@ def _features(features: DigitFeatures | None) -> DigitFeatures:
 
 def real_digits_uint8(split: str = "test") -> np.ndarray:
     """The real digits of a split quantised exactly like the project's PNGs (to_uint8)."""
-    from utils.images import to_uint8
     return to_uint8(digits_with_labels(split)[0])
 
 
@@ -281,21 +273,15 @@ def nearest_distances(images_uint8: np.ndarray, reference: np.ndarray) -> np.nda
 
 # -- CLI ------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train (--train) or evaluate the digits classifier.")
     p.add_argument("--train", action="store_true", help="train and write the shipped files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     p.add_argument("--folder", default=DEFAULT_FOLDER)
     args = p.parse_args(argv)
-    if args.train:
-        model = train_classifier(args.seed, args.epochs, verbose=True)
-    else:
-        try:
-            model = load_classifier(args.folder)
-        except ValueError as e:  # one line, like the project's other CLIs
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    model = (train_classifier(args.seed, args.epochs, verbose=True) if args.train
+             else load_classifier(args.folder))
     acc = accuracy(model, "test")
     fd = digits_fd(real_digits_uint8("train"), "test", DigitFeatures(model))
     print(f"held-out (test split) accuracy: {acc:.4f}")
@@ -312,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
                 "tensorflow": tf.__version__, "keras": keras.__version__}
         save_classifier(model, args.folder, info)
         print(f"wrote {args.folder}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import run
+    run(main)

@@ -30,8 +30,9 @@ from models.configs import DatasetConfig
 from utils.fileio import atomic_dir, atomic_write
 from models.unet import UNet, official_variables
 from models.weights import Weights
-from utils.cli import UserError
-from utils.evaluate.sampling import SAMPLE_STREAM, noise_for, student_fn
+from utils.errors import UserError
+from models.diffusion import STUDENT_T, student_fn
+from utils.evaluate.sampling import SAMPLE_STREAM, noise_for
 
 TFLITE_VARIANTS = ("float32", "fp16", "int8")
 SAVED_MODEL = "saved_model"
@@ -56,7 +57,7 @@ class StudentExport(tf.Module):
         # The underlying tf.Variables, under their official names (see the module docstring).
         self.weights = {name: v.value for name, v in official_variables(model).items()}
         step = student_fn(model, xla)
-        shape = [cfg.network.resolution, cfg.network.resolution, cfg.network.in_ch]
+        shape = list(cfg.network.image_shape)
 
         def sample(seed: tf.Tensor, n: tf.Tensor) -> dict[str, tf.Tensor]:
             tf.debugging.assert_non_negative(n, message="n must be >= 0")  # else tf.range: none
@@ -130,13 +131,13 @@ def export(out_dir: str, model: UNet, weights: Weights, cfg: DatasetConfig,
 
 def readme(cfg: DatasetConfig, weights: Weights, tflite: str, xla: bool) -> str:
     net = cfg.network
-    hwc = f"{net.resolution}, {net.resolution}, {net.in_ch}"
+    hwc = ", ".join(map(str, net.image_shape))
     xla_note = ("on: the network is XLA-compiled, as eval.py runs it by default. TF Serving\n"
                 "      needs --xla_cpu_compilation_enabled=true; export --no-xla for a server "
                 "without XLA" if xla else "off: plain TensorFlow kernels (as eval.py --no-xla)")
     return f"""Denoising Student, {cfg.name} ({net.resolution}x{net.resolution}x{net.in_ch}), \
 written by `python eval.py export`.
-One network call: x0 = z - f(z, t=999); images are uint8 round((clip(x0, -1, 1) + 1) * 127.5),
+One network call: x0 = z - f(z, t={STUDENT_T}); images are uint8 round((clip(x0, -1, 1) + 1) * 127.5),
 halves to even (as eval.py writes its PNGs).
 
 Source weights: {weights.describe()}

@@ -24,6 +24,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from models.configs import CONFIGS, SKLEARN_DIGITS, get_config
+from utils.errors import UserError, first_line
+
 INCEPTION_URL = "http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz"
 INCEPTION_FILE = "classify_image_graph_def.pb"
 INPUT_TENSOR = "ExpandDims:0"  # float32 [1, H, W, 3] in [0, 255] in the graph; we make it [N, ...]
@@ -33,8 +36,6 @@ FEATURE_DIM = 2048
 _GET_INCEPTION = (f"get {INCEPTION_FILE} (the TTUR FID network) from {INCEPTION_URL} "
                   f"(extract it from the .tgz) and pass its path")
 
-# Our dataset names -> tensorflow-datasets names.
-TFDS_NAMES = {"cifar10": "cifar10", "celeba": "celeb_a"}
 # DDIM's CelebA crop (ermongroup/ddim, datasets/__init__.py: cx=89, cy=121, a 128x128 box,
 # torchvision F.crop(img, top=cy-64, left=cx-64, 128, 128)), then Resize(64).
 CELEBA_SHAPE = (218, 178)
@@ -42,14 +43,8 @@ CELEBA_TOP, CELEBA_LEFT, CELEBA_CROP = 57, 25, 128
 CELEBA_SIZE = 64
 
 
-class FIDError(ValueError):
+class FIDError(UserError, ValueError):
     """Something FID needs is missing or unusable (Inception file, dataset, statistics file)."""
-
-
-def _one_line(e: BaseException) -> str:
-    """The first line of an exception's message: TF errors can be pages long."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # -- the distance ---------------------------------------------------------------------------------
@@ -219,7 +214,7 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     except FIDError:
         raise
     except Exception as e:  # not a zip/npy file, or an object array that would need pickle
-        raise FIDError(f"cannot read statistics file {path}: {_one_line(e)}") from None
+        raise FIDError(f"cannot read statistics file {path}: {first_line(e)}") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(f"statistics file {path} has mu {mu.shape} and sigma {sigma.shape}; "
                        f"expected [D] and [D, D]")
@@ -270,7 +265,7 @@ class InceptionFeatures:
                                       {self._input: np.zeros((1, 8, 8, 3), np.float32)})
         except Exception as e:  # wrong input dtype, unknown ops, non-executable graph, ...
             raise FIDError(f"{path} could not be used as the FID Inception graph "
-                           f"({_one_line(e)}); {_GET_INCEPTION}") from None
+                           f"({first_line(e)}); {_GET_INCEPTION}") from None
         shape = self._output.shape
         if probe.ndim < 2 or any(s != 1 for s in probe.shape[1:-1]):
             self.close()
@@ -353,14 +348,14 @@ def ddim_celeba_resize(img: np.ndarray, size: int = CELEBA_SIZE) -> np.ndarray:
 class ReferenceImages:
     """Re-iterable uint8 [N, H, W, 3] batches of a prepared tfds split (see reference_images)."""
 
-    def __init__(self, dataset: str, ds: tf.data.Dataset, num_examples: int | None) -> None:
-        self.dataset = dataset
+    def __init__(self, crop: str | None, ds: tf.data.Dataset, num_examples: int | None) -> None:
+        self.crop = crop  # DatasetConfig.fid_crop
         self.num_examples = num_examples  # for progress bars; None if tfds does not know it
         self._ds = ds
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for batch in self._ds.as_numpy_iterator():
-            if self.dataset == "celeba":
+            if self.crop == "ddim_celeba":
                 batch = np.stack([ddim_celeba_resize(ddim_celeba_crop(img)) for img in batch])
             yield batch.astype(np.uint8, copy=False)
 
@@ -377,10 +372,12 @@ def reference_images(dataset: str, split: str = "train", data_dir: str | None = 
     """
     import tensorflow_datasets as tfds  # heavy; only needed here
 
-    if dataset not in TFDS_NAMES:
+    cfg = get_config(dataset)
+    name = cfg.real_images
+    if name is None or name == SKLEARN_DIGITS:
+        known = [n for n, c in CONFIGS.items() if c.real_images and c.real_images != SKLEARN_DIGITS]
         raise FIDError(f"no reference images for dataset {dataset!r} (known: "
-                       f"{', '.join(TFDS_NAMES)}); pass --ref_stats file.npz")
-    name = TFDS_NAMES[dataset]
+                       f"{', '.join(known)}); pass --ref_stats file.npz")
     builder = tfds.builder(name, data_dir=data_dir)
     where = data_dir or "the default tensorflow-datasets directory"
     try:
@@ -392,10 +389,10 @@ def reference_images(dataset: str, split: str = "train", data_dir: str | None = 
                        f"--ref_stats file.npz") from None
     except (ValueError, KeyError) as e:  # e.g. an unknown split name
         raise FIDError(f"cannot read {name} split {split!r} from {where}: "
-                       f"{_one_line(e)}") from None
+                       f"{first_line(e)}") from None
     try:
         num_examples: int | None = int(builder.info.splits[split].num_examples) or None
     except Exception:  # split arithmetic tfds cannot size, or mocked metadata
         num_examples = None
     ds = ds.map(lambda ex: ex["image"], num_parallel_calls=tf.data.AUTOTUNE)
-    return ReferenceImages(dataset, ds.batch(batch_size).prefetch(2), num_examples)
+    return ReferenceImages(cfg.fid_crop, ds.batch(batch_size).prefetch(2), num_examples)

@@ -13,7 +13,6 @@ import tensorflow as tf
 
 from data.shards import example_noise
 from models.configs import DatasetConfig
-from models.diffusion import ddim_plan, ddim_sample, student_sample
 from models.unet import UNet
 from models.weights import META_FILE, PRETRAINED, Weights, WeightsError, load_unet
 from utils.images import to_uint8
@@ -66,21 +65,8 @@ def load_student(model_dir: str | None, cfg: DatasetConfig) -> tuple[UNet, Weigh
 def noise_for(indices: np.ndarray | tf.Tensor, cfg: DatasetConfig, seed: int | tf.Tensor
               ) -> tf.Tensor:
     """The noise of evaluation samples `indices` (also traced into the exported `sample`)."""
-    net = cfg.network
     return example_noise(tf.convert_to_tensor(indices), seed, SAMPLE_STREAM,
-                         (net.resolution, net.resolution, net.in_ch))
-
-
-def student_fn(model: UNet, xla: bool = False):
-    """z -> x0 in one network call (compiled)."""
-    return tf.function(lambda z: student_sample(model, z), jit_compile=xla, reduce_retracing=True)
-
-
-def teacher_fn(model: UNet, cfg: DatasetConfig, xla: bool = False):
-    """z -> x0 by the teacher's DDIM loop (compiled)."""
-    plan = ddim_plan(cfg.sampler)
-    return tf.function(lambda z: ddim_sample(lambda x, t: model(x, t), z, plan), jit_compile=xla,
-                       reduce_retracing=True)
+                         cfg.network.image_shape)
 
 
 def sample_batches(sample, cfg: DatasetConfig, indices: np.ndarray, batch: int, seed: int

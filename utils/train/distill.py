@@ -1,6 +1,6 @@
 """Stage 2: the student loop. The teacher's U-Net, initialised from its weights and called at
-t = 999, regresses onto the stored pairs; the EMA weights are scored on the held-out pairs at each
-checkpoint and the best are exported for evaluation (as the original did).
+t = STUDENT_T (999), regresses onto the stored pairs; the EMA weights are scored on the held-out
+pairs at each checkpoint and the best are exported for evaluation (as the original did).
 
     SAVEDIR/checkpoints/   training state (model, EMA, Adam, position, best loss): resume from here
     SAVEDIR/best/          EMA weights with the lowest held-out loss: what eval.py loads
@@ -11,26 +11,44 @@ checkpoint and the best are exported for evaluation (as the original did).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 
 import tensorflow as tf
 
 from data.shards import batches, dequantise_targets, heldout_batches, open_pair_set, steps_per_epoch
-from models.configs import DatasetConfig
-from models.diffusion import student_loss, student_sample
+from models.configs import CKPT_EVERY, DatasetConfig, TrainConfig
+from models.diffusion import student_fn, student_loss
 from models.unet import UNet
-from models.weights import load_unet, save_converted
-from utils.cli import UserError
-from utils.images import make_grid, save_png, to_uint8
+from models.weights import load_unet
+from utils.errors import UserError
 from utils.strategy import worker_info
-from utils.train.loop import (Logger, OptimConfig, Trainer, distributed_batches, run_loop,
-                              save_run_config)
+from utils.train.loop import Stage, replica_specs, save_run_config
 
 MUST_MATCH_ON_RESUME = ("dataset", "batch_size", "grad_accum", "loss", "seed", "bf16")
 N_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """Everything a student run is trained with: the dataset's TrainConfig (flags applied) and the
+    run's own options."""
+    dataset: str
+    train: TrainConfig
+    seed: int = 0
+    grad_accum: int = 1
+    bf16: bool = False
+    xla: bool = True
+    ckpt_every: int = CKPT_EVERY
+    n_eval: int | None = None  # held-out pairs scored at each checkpoint (None: all)
+
+    def flat(self) -> dict:
+        """One level of keys, as config.json has always held them (a resumed run compares them)."""
+        run = {k: v for k, v in dataclasses.asdict(self).items() if k != "train"}
+        train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "optim"}
+        return {**run, **train, **dataclasses.asdict(self.train.optim)}
 
 
 def heldout_scorer(model: UNet, pairs, kind: str, limit: int | None, batch: int = 256):
@@ -47,82 +65,66 @@ def heldout_scorer(model: UNet, pairs, kind: str, limit: int | None, batch: int 
     return score
 
 
-def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy, datadir: str,
-                  teacher_path: str, savedir: str, raw_teacher: bool = False,
+def train_student(cfg: DatasetConfig, s: StudentSettings, strategy: tf.distribute.Strategy,
+                  datadir: str, teacher_path: str, savedir: str, raw_teacher: bool = False,
                   progress: bool = True, command: str | None = None) -> dict:
-    worker, n_workers = worker_info()
-    chief = worker == 0
-    shape = (cfg.network.resolution, cfg.network.resolution, cfg.network.in_ch)
+    tr = s.train
+    shape = cfg.network.image_shape
     pairs = open_pair_set(datadir, shape)
-    if chief:
-        save_run_config(savedir, {**s, "datadir": os.path.abspath(datadir),
+    if worker_info()[0] == 0:
+        save_run_config(savedir, {**s.flat(), "datadir": os.path.abspath(datadir),
                                   "teacher": teacher_path}, MUST_MATCH_ON_RESUME)
     teacher, weights = load_unet(teacher_path, cfg, ema=not raw_teacher)
     net = teacher.cfg  # the teacher's network, GroupNorm epsilon included
-    global_batch, accum = s["batch_size"], s["grad_accum"]
-    replicas = strategy.num_replicas_in_sync  # the Trainer checks that the batch splits evenly
-    per_epoch = steps_per_epoch(pairs, global_batch)
+    per_epoch = steps_per_epoch(pairs, tr.batch_size)
     if per_epoch == 0:
-        raise UserError(f"{pairs.n_train} training pairs are fewer than one batch of {global_batch}")
-    total = int(math.ceil(s["epochs"] * per_epoch))
-    opt = OptimConfig(s["lr"], s["warmup_steps"], s["beta_1"], s["beta_2"], s["epsilon"],
-                      s["ema_decay"], global_batch, accum,
-                      decay_steps=total if s["lr_decay"] == "cosine" else 0)
-    trainer = Trainer(
-        strategy, lambda: UNet(net, compute_dtype="bfloat16" if s["bf16"] else "float32"), opt,
-        lambda model, x, y, step: student_loss(model, x, y, s["loss"]),
-        savedir if chief else os.path.join(tempfile.gettempdir(), f"worker{worker}-{os.getpid()}"),
-        xla=s["xla"])
-    resumed = trainer.restore()
-    if not resumed:
+        raise UserError(f"{pairs.n_train} training pairs are fewer than one batch of {tr.batch_size}")
+    total = int(math.ceil(tr.epochs * per_epoch))
+    stage = Stage(
+        strategy, savedir, lambda: UNet(net, compute_dtype="bfloat16" if s.bf16 else "float32"),
+        tr.optim, lambda model, x, y, step: student_loss(model, x, y, tr.loss),
+        global_batch=tr.batch_size, grad_accum=s.grad_accum, total_steps=total, xla=s.xla,
+        make_sampler=student_fn,
+        noise=tf.random.stateless_normal([N_SAMPLES, *shape], seed=[s.seed, 12345]))
+    trainer = stage.trainer
+    if not stage.resumed:
         trainer.init_from(teacher)
     del teacher
-    logger = Logger(savedir, enabled=chief)
-    noise = tf.random.stateless_normal([N_SAMPLES, *shape], seed=[s["seed"], 12345])
-    sample = tf.function(lambda z: student_sample(trainer.ema, z))
-    score_heldout = heldout_scorer(trainer.ema, pairs, s["loss"], s["n_eval"])
-    if chief:
+    score_heldout = heldout_scorer(trainer.ema, pairs, tr.loss, s.n_eval)
+    if stage.chief:
         print(f"student: {weights.describe()}; {pairs.n_train:,} pairs, {per_epoch} steps/epoch, "
-              f"{total} steps, {replicas} replica(s)" + (", resumed" if resumed else ""))
+              f"{total} steps, {strategy.num_replicas_in_sync} replica(s)"
+              + (", resumed" if stage.resumed else ""))
 
     def checkpoint(step: int) -> None:
         """Score the EMA weights on the held-out pairs; export them (last, and best so far)."""
         loss = score_heldout()
-        grid = make_grid(to_uint8(sample(noise).numpy()))
-        if not chief:
-            return
         # Portable provenance: what the weights are and the command, not this machine's folders.
         meta = {"dataset": cfg.name, "source": f"Denoising Student distilled from {weights.source}",
                 "command": command, "step": step, "ema": True, "heldout_loss": loss,
                 "teacher": weights.source, "teacher_step": weights.step,
                 "teacher_sha256": weights.sha256}
-        save_converted(trainer.ema, os.path.join(savedir, "last"), meta, replace=True)
+        stage.export(os.path.join(savedir, "last"), meta)
         if loss < float(trainer.best_heldout.numpy()):
             trainer.best_heldout.assign(loss)
-            save_converted(trainer.ema, os.path.join(savedir, "best"), meta, replace=True)
-        os.makedirs(os.path.join(savedir, "samples"), exist_ok=True)
-        save_png(os.path.join(savedir, "samples", f"step_{step:07d}.png"), grid)
-        logger.scalars(step, heldout_loss=loss, best_heldout_loss=float(trainer.best_heldout.numpy()))
-        logger.image(step, "ema_samples", grid)
+            stage.export(os.path.join(savedir, "best"), meta)
+        stage.sample_grid(step, "ema_samples")
+        stage.logger.scalars(step, heldout_loss=loss,
+                             best_heldout_loss=float(trainer.best_heldout.numpy()))
 
-    if not resumed:
+    if not stage.resumed:
         checkpoint(0)  # the teacher-initialised student's held-out loss: the baseline
         trainer.manager.save(checkpoint_number=0)
-    per_replica = global_batch // replicas
-    specs = (tf.TensorSpec((per_replica, *shape), tf.float32),
-             tf.TensorSpec((per_replica, *shape), tf.uint8))
-    to_float = lambda x, y: (x, dequantise_targets(y))  # noqa: E731
-
-    def epoch_data(epoch: int, start: int):
-        return distributed_batches(
-            strategy, lambda w, n: batches(pairs, global_batch, epoch, s["seed"], start, (w, n)),
-            specs, to_float)
-    step = run_loop(trainer, total_steps=total, steps_per_epoch=per_epoch, epoch_data=epoch_data,
-                    ckpt_every=s["ckpt_every"], on_checkpoint=checkpoint, logger=logger,
-                    desc=f"student ({cfg.name})", progress=progress and chief)
-    if chief and os.path.isdir(os.path.join(savedir, "best")):
-        print(f"best held-out loss {float(trainer.best_heldout.numpy()):.6g}: "
-              f"{os.path.join(savedir, 'best')}")
-    if not chief:
-        shutil.rmtree(trainer.savedir, ignore_errors=True)
+    step = stage.run(
+        steps_per_epoch=per_epoch,
+        make_batches=lambda epoch, start, w, n: batches(pairs, tr.batch_size, epoch, s.seed, start,
+                                                        (w, n)),
+        specs=replica_specs(tr.batch_size // strategy.num_replicas_in_sync,
+                            (shape, tf.float32), (shape, tf.uint8)),
+        transform=lambda x, y: (x, dequantise_targets(y)),
+        on_checkpoint=checkpoint, ckpt_every=s.ckpt_every, desc=f"student ({cfg.name})",
+        progress=progress)
+    best = os.path.join(savedir, "best")
+    if stage.chief and os.path.isdir(best):
+        print(f"best held-out loss {float(trainer.best_heldout.numpy()):.6g}: {best}")
     return {"steps": step, "best_heldout": float(trainer.best_heldout.numpy())}

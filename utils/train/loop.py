@@ -1,16 +1,19 @@
-"""The training skeleton shared by the student (distillation) and the teacher (DDPM) loops:
+"""The training engine shared by the student (distillation) and the teacher (DDPM) stages:
 Adam with linear warmup, an EMA of the weights, gradient accumulation, a compiled distributed step,
-checkpoints that resume exactly, TensorBoard and a progress bar.
+checkpoints that resume exactly, TensorBoard and a progress bar (Trainer, run_loop), and the run
+folder around them: sample grids, the exported EMA weights in last/, the distributed epoch data
+(Stage).
 
-The caller supplies the per-example loss; everything else is here, written once.
+The caller supplies the per-example loss and what is its own; everything else is here, written once.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import keras
@@ -18,23 +21,13 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from utils.fileio import write_json
+from models.configs import OptimConfig
 from models.unet import UNet, official_variables
-from models.weights import variables_checkpoint
-from utils.cli import UserError
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float
-    warmup_steps: int
-    beta_1: float
-    beta_2: float
-    epsilon: float
-    ema_decay: float
-    global_batch: int  # examples per optimizer update (all replicas, all accumulation steps)
-    grad_accum: int = 1
-    decay_steps: int = 0  # > 0: cosine decay to zero at this step after the warmup; 0: constant
+from models.weights import save_converted, variables_checkpoint
+from utils.errors import UserError
+from utils.fileio import write_json
+from utils.images import make_grid, save_png, to_uint8
+from utils.strategy import worker_info
 
 
 def check_batch_split(global_batch: int, replicas: int, grad_accum: int = 1) -> None:
@@ -73,17 +66,20 @@ class Trainer:
     """Model, EMA, optimizer and position, built inside the strategy's scope; one step at a time."""
 
     def __init__(self, strategy: tf.distribute.Strategy, make_model: Callable[[], UNet],
-                 opt: OptimConfig, loss_fn: LossFn, savedir: str, xla: bool = False,
+                 opt: OptimConfig, loss_fn: LossFn, savedir: str, *, global_batch: int,
+                 grad_accum: int = 1, total_steps: int = 0, xla: bool = False,
                  max_to_keep: int = 2):
+        """global_batch: examples per optimizer update (all replicas, all accumulation steps);
+        total_steps: the run's length, where a cosine decay reaches zero."""
         self.strategy, self.opt_cfg, self.loss_fn = strategy, opt, loss_fn
-        check_batch_split(opt.global_batch, strategy.num_replicas_in_sync, opt.grad_accum)
+        self.global_batch, self.grad_accum = global_batch, grad_accum
+        check_batch_split(global_batch, strategy.num_replicas_in_sync, grad_accum)
         with strategy.scope():
             self.model, self.ema = make_model(), make_model()
             self.variables = self.model.trainable_variables
-            self.optimizer = keras.optimizers.Adam(LinearWarmup(opt.lr, opt.warmup_steps,
-                                                                opt.decay_steps),
-                                                   beta_1=opt.beta_1, beta_2=opt.beta_2,
-                                                   epsilon=opt.epsilon)
+            self.optimizer = keras.optimizers.Adam(
+                LinearWarmup(opt.lr, opt.warmup_steps, opt.decay_steps(total_steps)),
+                beta_1=opt.beta_1, beta_2=opt.beta_2, epsilon=opt.epsilon)
             self.optimizer.build(self.variables)  # slots exist before restore and the first step
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
             self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -124,14 +120,14 @@ class Trainer:
     def _replica_step_fn(self, *batch):
         """One optimizer update from this replica's share of the global batch, in grad_accum
         micro-batches whose gradients are summed (the loss is already divided by the global batch)."""
-        k = self.opt_cfg.grad_accum
+        k = self.grad_accum
         parts = [tf.split(b, k) for b in batch]
         step = self.optimizer.iterations
         grads, total = None, 0.0
         for i in range(k):  # k is small; unrolled keeps one micro-batch of activations at a time
             with tf.GradientTape() as tape:
                 per_example = self.loss_fn(self.model, *[p[i] for p in parts], step)
-                loss = tf.reduce_sum(per_example) / self.opt_cfg.global_batch
+                loss = tf.reduce_sum(per_example) / self.global_batch
             g = tape.gradient(loss, self.variables)
             grads = g if grads is None else [a + b for a, b in zip(grads, g)]
             total += loss
@@ -194,7 +190,7 @@ def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int,
             step += 1
             trainer.step_in_epoch.assign_add(1)
             running.append(loss)
-            speed.add(trainer.opt_cfg.global_batch)
+            speed.add(trainer.global_batch)
             end_of_epoch = int(trainer.step_in_epoch.numpy()) == steps_per_epoch
             if end_of_epoch:
                 trainer.epoch.assign_add(1)
@@ -212,6 +208,71 @@ def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int,
                 break
     bar.close()
     return step
+
+
+class Stage:
+    """One training stage's run folder around its Trainer: resume, a grid of EMA samples and the
+    EMA weights in last/ at each checkpoint, the epoch data, the loop. Workers other than the
+    chief keep their state in a temporary folder, removed at the end.
+
+        RUN_DIR/checkpoints/  RUN_DIR/last/  RUN_DIR/samples/  RUN_DIR/logs/
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, run_dir: str, make_model: Callable[[], UNet],
+                 opt: OptimConfig, loss_fn: LossFn, *, global_batch: int, total_steps: int,
+                 make_sampler: Callable[[UNet], Callable[[tf.Tensor], tf.Tensor]], noise: tf.Tensor,
+                 grad_accum: int = 1, xla: bool = False):
+        worker = worker_info()[0]
+        self.chief, self.run_dir, self.total_steps = worker == 0, run_dir, total_steps
+        state_dir = run_dir if self.chief else os.path.join(tempfile.gettempdir(),
+                                                            f"worker{worker}-{os.getpid()}")
+        self.trainer = Trainer(strategy, make_model, opt, loss_fn, state_dir,
+                               global_batch=global_batch, grad_accum=grad_accum,
+                               total_steps=total_steps, xla=xla)
+        self.resumed = self.trainer.restore()
+        self.logger = Logger(run_dir, enabled=self.chief)
+        self._sample = make_sampler(self.trainer.ema)  # z -> x0 by the EMA weights
+        self._noise = noise
+
+    def sample_grid(self, step: int, tag: str) -> None:
+        """A grid of EMA samples (fixed noise) into samples/step_{step}.png and TensorBoard."""
+        if not self.chief:
+            return
+        grid = make_grid(to_uint8(self._sample(self._noise).numpy()))
+        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        save_png(os.path.join(self.run_dir, "samples", f"step_{step:07d}.png"), grid)
+        self.logger.image(step, tag, grid)
+
+    def export(self, folder: str, meta: dict) -> None:
+        """The EMA weights into `folder` (replaced whole; chief only)."""
+        if self.chief:
+            save_converted(self.trainer.ema, folder, meta, replace=True)
+
+    def run(self, *, steps_per_epoch: int, make_batches: Callable[[int, int, int, int], Iterator],
+            specs: tuple[tf.TensorSpec, ...], on_checkpoint: Callable[[int], None], ckpt_every: int,
+            desc: str, progress: bool, transform: Callable | None = None,
+            ckpt_at_epoch_end: bool = True) -> int:
+        """Train to total_steps; make_batches(epoch, start, worker, n_workers) yields this worker's
+        part of each global batch of an epoch from step `start` on. Returns the last step."""
+        strategy = self.trainer.strategy
+
+        def epoch_data(epoch: int, start: int):
+            return distributed_batches(strategy, lambda w, n: make_batches(epoch, start, w, n),
+                                       specs, transform)
+        step = run_loop(self.trainer, total_steps=self.total_steps,
+                        steps_per_epoch=steps_per_epoch, epoch_data=epoch_data,
+                        ckpt_every=ckpt_every, on_checkpoint=on_checkpoint, logger=self.logger,
+                        desc=desc, progress=progress and self.chief,
+                        ckpt_at_epoch_end=ckpt_at_epoch_end)
+        if not self.chief:
+            shutil.rmtree(self.trainer.savedir, ignore_errors=True)
+        return step
+
+
+def replica_specs(per_replica: int, *shapes_dtypes: tuple[tuple, tf.DType]
+                  ) -> tuple[tf.TensorSpec, ...]:
+    """TensorSpecs of one replica's share of a batch: (shape of one example, dtype) each."""
+    return tuple(tf.TensorSpec((per_replica, *shape), dtype) for shape, dtype in shapes_dtypes)
 
 
 class Logger:
