@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 
+from utils import fileio
 from utils.cli import (Parser, UserError, existing_dir, nonempty, nonneg_int, output_dir,
                        positive_float, positive_int, quiet_tensorflow, run, seed_int,
                        unit_interval, weights_path, writable_dir)
@@ -108,7 +109,7 @@ def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy=None)
     from utils.evaluate.sampling import shipped
     from utils.train.teacher import trained_teacher
     if args.teacher:
-        if not os.path.exists(args.teacher) and not os.path.exists(args.teacher + ".index"):
+        if not fileio.exists(args.teacher) and not fileio.exists(args.teacher + ".index"):
             raise UserError(f"teacher not found: {args.teacher}")
         return args.teacher
     if args.teacher_dataset or (cfg.teacher_train and not shipped(cfg, "teacher")):
@@ -161,9 +162,9 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
 
     folder = args.datadir or os.path.join("./datasets", cfg.name)
     shape = (cfg.network.resolution, cfg.network.resolution, cfg.network.in_ch)
-    manifest = read_manifest(folder) if os.path.isdir(folder) else None
-    if args.no_generate or (manifest is None and os.path.isdir(folder)
-                            and any(f.startswith("y_train_") for f in os.listdir(folder))):
+    manifest = read_manifest(folder) if fileio.isdir(folder) else None
+    if args.no_generate or (manifest is None and fileio.isdir(folder)
+                            and any(f.startswith("y_train_") for f in fileio.listdir(folder))):
         open_pair_set(folder, shape)  # ours complete, or the original's layout: use as is
         return folder
     with strategy.scope():
@@ -177,7 +178,7 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
     preview_path = os.path.join(folder, "preview.png")
 
     def preview(images):
-        if not os.path.exists(preview_path):
+        if not fileio.exists(preview_path):
             save_png(preview_path, make_grid(to_uint8(images[:64])))
     generate_pairs(folder, settings, make_teacher_fn(teacher, cfg, strategy, args.xla), gen_batch,
                    worker=worker_info(), progress=not args.no_progress, preview=preview)

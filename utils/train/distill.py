@@ -23,6 +23,7 @@ from models.configs import DatasetConfig
 from models.diffusion import student_loss, student_sample
 from models.unet import UNet
 from models.weights import load_unet, save_converted
+from utils import fileio
 from utils.cli import UserError
 from utils.images import make_grid, save_png, to_uint8
 from utils.strategy import worker_info
@@ -55,7 +56,8 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
     shape = (cfg.network.resolution, cfg.network.resolution, cfg.network.in_ch)
     pairs = open_pair_set(datadir, shape)
     if chief:
-        save_run_config(savedir, {**s, "datadir": os.path.abspath(datadir),
+        save_run_config(savedir, {**s, "datadir": os.path.abspath(datadir) if fileio.is_local(
+                                      datadir) else datadir,
                                   "teacher": teacher_path}, MUST_MATCH_ON_RESUME)
     teacher, weights = load_unet(teacher_path, cfg, ema=not raw_teacher)
     net = teacher.cfg  # the teacher's network, GroupNorm epsilon included
@@ -100,7 +102,7 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
         if loss < float(trainer.best_heldout.numpy()):
             trainer.best_heldout.assign(loss)
             save_converted(trainer.ema, os.path.join(savedir, "best"), meta, replace=True)
-        os.makedirs(os.path.join(savedir, "samples"), exist_ok=True)
+        fileio.makedirs(os.path.join(savedir, "samples"))
         save_png(os.path.join(savedir, "samples", f"step_{step:07d}.png"), grid)
         logger.scalars(step, heldout_loss=loss, best_heldout_loss=float(trainer.best_heldout.numpy()))
         logger.image(step, "ema_samples", grid)
@@ -120,7 +122,7 @@ def train_student(cfg: DatasetConfig, s: dict, strategy: tf.distribute.Strategy,
     step = run_loop(trainer, total_steps=total, steps_per_epoch=per_epoch, epoch_data=epoch_data,
                     ckpt_every=s["ckpt_every"], on_checkpoint=checkpoint, logger=logger,
                     desc=f"student ({cfg.name})", progress=progress and chief)
-    if chief and os.path.isdir(os.path.join(savedir, "best")):
+    if chief and fileio.isdir(os.path.join(savedir, "best")):
         print(f"best held-out loss {float(trainer.best_heldout.numpy()):.6g}: "
               f"{os.path.join(savedir, 'best')}")
     if not chief:

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from utils import fileio
 from utils.fileio import write_json
 from models.unet import UNet, official_variables
 from models.weights import variables_checkpoint
@@ -230,8 +231,8 @@ class Logger:
             for k, v in values.items():
                 tf.summary.scalar(k, v, step=step)
         self.writer.flush()
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        fileio.append_line(self.jsonl, json.dumps({"step": step, **{k: float(v) for k, v in
+                                                                     values.items()}}))
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         if self.enabled:
@@ -258,9 +259,8 @@ class Throughput:
 def save_run_config(savedir: str, config: dict, must_match: tuple[str, ...]) -> None:
     """Write the resolved settings; a resumed run must agree on those in `must_match`."""
     path = os.path.join(savedir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if fileio.exists(path):
+        old = json.loads(fileio.read_bytes(path))
         diff = [k for k in must_match if old.get(k) != config.get(k)]
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} before, {config.get(k)!r} now" for k in diff)

@@ -16,6 +16,7 @@ from models.configs import CKPT_EVERY, DatasetConfig
 from models.diffusion import alpha_bars, ddim_plan, ddim_sample, ddpm_loss
 from models.unet import UNet
 from models.weights import META_FILE, save_converted
+from utils import fileio
 from utils.cli import UserError
 from utils.images import make_grid, save_png, to_uint8
 from utils.strategy import worker_info
@@ -42,7 +43,7 @@ def teacher_batches(images: np.ndarray, batch: int, epoch: int, seed: int, start
 
 def trained_teacher(savedir: str) -> str | None:
     path = os.path.join(savedir, TEACHER_DIR)
-    return path if os.path.exists(os.path.join(path, META_FILE)) else None
+    return path if fileio.exists(os.path.join(path, META_FILE)) else None
 
 
 def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribute.Strategy,
@@ -82,7 +83,7 @@ def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribut
         if not chief:
             return
         grid = make_grid(to_uint8(sample(noise).numpy()))
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        fileio.makedirs(os.path.join(run_dir, "samples"))
         save_png(os.path.join(run_dir, "samples", f"step_{step:07d}.png"), grid)
         logger.image(step, "teacher_ddim_samples", grid)
         save_converted(trainer.ema, os.path.join(run_dir, "last"),
