@@ -106,9 +106,8 @@ def save_npy_atomic(path: str, array: np.ndarray) -> dict:
     if not fileio.is_local(path):  # one upload of the finished bytes
         buf = io.BytesIO()
         np.save(buf, array)
-        data = buf.getbuffer()
-        with atomic_write(path) as f:
-            f.write(data)
+        data = buf.getvalue()
+        fileio.write_bytes(path, data)
         return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **record}
     with atomic_write(path) as f:
         np.save(f, array)

@@ -137,17 +137,26 @@ def append_line(path: str, line: str) -> None:
         f.write(old + line + "\n")
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file in one piece (on an object store: one upload, appearing complete)."""
+    if is_local(path):
+        with atomic_write(path) as f:
+            f.write(data)
+        return
+    with _os_errors(path):
+        if path.startswith("ram://") and _gfile().exists(path):
+            _gfile().remove(path)  # ram:// opened "wb" appends to an existing file (TF 2.21)
+        with _gfile().GFile(path, "wb") as f:
+            f.write(data)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     if not is_local(path):  # gathered in memory, then one write under the final name
         buf = io.BytesIO() if "b" in mode else io.StringIO()
         yield buf
         data = buf.getvalue()
-        with _os_errors(path):
-            if path.startswith("ram://") and _gfile().exists(path):
-                _gfile().remove(path)  # ram:// opened "wb" appends to an existing file (TF 2.21)
-            with _gfile().GFile(path, "wb") as f:
-                f.write(data if isinstance(data, bytes) else data.encode())
+        write_bytes(path, data if isinstance(data, bytes) else data.encode())
         return
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
