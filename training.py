@@ -20,6 +20,7 @@ import sys
 
 from models.configs import (CKPT_EVERY, CONFIGS, DatasetConfig, OptimConfig, TrainConfig,
                             get_config, real_images_source)
+from utils import fileio
 from utils.cli import (Parser, UserError, add_flags, existing_dir, nonempty, output_dir, overridden,
                        positive_int, run, seed_int, weights_path, writable_dir)
 
@@ -97,7 +98,7 @@ def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy=None)
     from utils.evaluate.sampling import shipped
     from utils.train.teacher import trained_teacher
     if args.teacher:
-        if not os.path.exists(args.teacher) and not os.path.exists(args.teacher + ".index"):
+        if not fileio.exists(args.teacher) and not fileio.exists(args.teacher + ".index"):
             raise UserError(f"teacher not found: {args.teacher}")
         return args.teacher
     if args.teacher_dataset or (cfg.teacher_train and not shipped(cfg, "teacher")):
@@ -142,9 +143,9 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
 
     folder = pair_folder(args, cfg)
     shape = cfg.network.image_shape
-    manifest = read_manifest(folder) if os.path.isdir(folder) else None
-    if args.no_generate or (manifest is None and os.path.isdir(folder)
-                            and any(f.startswith("y_train_") for f in os.listdir(folder))):
+    manifest = read_manifest(folder) if fileio.isdir(folder) else None
+    if args.no_generate or (manifest is None and fileio.isdir(folder)
+                            and any(f.startswith("y_train_") for f in fileio.listdir(folder))):
         open_pair_set(folder, shape)  # ours complete, or the original's layout: use as is
         return folder
     with strategy.scope():
@@ -158,7 +159,7 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
     preview_path = os.path.join(folder, "preview.png")
 
     def preview(images):
-        if not os.path.exists(preview_path):
+        if not fileio.exists(preview_path):
             save_png(preview_path, make_grid(to_uint8(images[:64])))
     generate_pairs(folder, settings, make_teacher_fn(teacher, cfg, strategy, args.xla), gen_batch,
                    worker=worker_info(), progress=not args.no_progress, preview=preview)

@@ -1,12 +1,15 @@
 """Stage 1: the teacher's (X_T, F_teacher(X_T)) pairs, generated once, reproducibly and resumably.
 
-Each shard is generated in full, written under a temporary name, renamed, then recorded (size and
-sha256) in manifest.json. A run killed at any moment resumes at the first shard that is not recorded
-and intact; what it writes is byte-identical to an uninterrupted run with the same seed.
+Each shard is generated in full, written atomically, then recorded (size and sha256) in its own
+manifest part (see data/shards.py): workers share nothing but the folder, and take no lock. A run
+killed at any moment resumes at the first shard that is not recorded and intact; what it writes is
+byte-identical to an uninterrupted run with the same seed. The folder may be on any tf.io.gfile
+filesystem.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Callable
@@ -15,10 +18,12 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from data.shards import (FORMAT_VERSION, PairSetError, Shard, check_file, example_noise,
-                         layout, locked_manifest, npy_bytes, read_manifest, save_npy_atomic)
+from data.shards import (FORMAT_VERSION, PairSetError, Shard, assemble_manifest, check_file,
+                         example_noise, layout, npy_bytes, read_manifest, save_npy_atomic,
+                         shard_files, write_part)
 from models.configs import DatasetConfig
 from models.diffusion import ddim_fn
+from utils import fileio
 from utils.images import to_uint8
 
 
@@ -98,30 +103,32 @@ def generate_pairs(folder: str, s: PairSettings, teacher_fn: Callable[[np.ndarra
                    gen_batch: int, worker: tuple[int, int] = (0, 1), progress: bool = True,
                    preview: Callable[[np.ndarray], None] | None = None,
                    log: Callable[[str], None] = print) -> dict:
-    """Generate whatever this worker's part of the pair set lacks; returns the manifest."""
-    os.makedirs(folder, exist_ok=True)
+    """Generate whatever this worker's part of the pair set lacks; returns the manifest as this
+    worker sees it when done (complete once every worker is done)."""
+    fileio.makedirs(folder)
     settings = dataclasses.asdict(s)
     shards = layout(s.n_examples, s.shard_size, s.n_test)
-    with locked_manifest(folder) as manifest:
-        if manifest:
-            _check_same_settings(folder, manifest, settings)
-        else:
-            manifest.update(format_version=FORMAT_VERSION, **settings, files={},
-                            shards=[dataclasses.asdict(sh) for sh in shards],
-                            x_dtype="float16", y_dtype="uint8")
+    manifest = read_manifest(folder)
+    if manifest:
+        _check_same_settings(folder, manifest, settings)
+    head = dict(format_version=FORMAT_VERSION, **settings,
+                shards=[dataclasses.asdict(sh) for sh in shards], x_dtype="float16", y_dtype="uint8")
+    head = json.loads(json.dumps(head))  # as read back (tuples become lists)
+    recorded = manifest["files"] if manifest else {}
     todo = []
     for sh in my_shards(shards, worker):
-        names = [sh.y_file] + ([] if s.compact else [sh.x_file])
-        problems = {n: check_file(folder, n, manifest["files"].get(n)) for n in names}
+        names = shard_files(sh, s.compact)
+        problems = {n: check_file(folder, n, recorded.get(n)) for n in names}
         bad = {n: p for n, p in problems.items() if p}
         if bad:
             if any(p not in ("not recorded as complete", "missing") for p in bad.values()):
                 log(f"regenerating {sh.name}: " + ", ".join(f"{n} {p}" for n, p in bad.items()))
             todo.append(sh)
-    need, free = bytes_needed(s, todo), shutil.disk_usage(folder).free
-    if need > free:
-        raise PairSetError(f"not enough disk space in {folder}: the pairs need {need:,} bytes, "
-                           f"{free:,} are free")
+    if fileio.is_local(folder):  # an object store has no free-space figure to check
+        need, free = bytes_needed(s, todo), shutil.disk_usage(folder).free
+        if need > free:
+            raise PairSetError(f"not enough disk space in {folder}: the pairs need {need:,} bytes, "
+                               f"{free:,} are free")
     bar = tqdm(total=sum(sh.count for sh in todo), unit="pair", disable=not progress or not todo,
                desc=f"pairs ({s.dataset})", smoothing=0.1)
     for sh in todo:
@@ -131,10 +138,9 @@ def generate_pairs(folder: str, s: PairSettings, teacher_fn: Callable[[np.ndarra
         if not s.compact:
             records[sh.x_file] = save_npy_atomic(os.path.join(folder, sh.x_file),
                                                  x.astype(np.float16))
-        with locked_manifest(folder) as manifest:
-            manifest["files"].update(records)
+        write_part(folder, head, sh, records)  # the shard is done once this exists
     bar.close()
-    return read_manifest(folder)
+    return assemble_manifest(folder)
 
 
 def _generate_shard(sh: Shard, s: PairSettings, teacher_fn, gen_batch: int, bar, preview):

@@ -9,11 +9,21 @@ rounded from [-1, 1]. The noise of example i is a pure function of (seed, stream
 counter-based generator (stream 0: train, 1: test), so any shard can be regenerated bit for bit and a
 "compact" set can omit X entirely and recompute it when reading. Sets written by the original code
 (no manifest) are read too.
+
+The folder may be on any tf.io.gfile filesystem (`gs://...`, `ram://...`). Local shards are
+memory-mapped; other shards are read whole through gfile, at most `shards_in_memory` at a time.
+
+No lock: each shard's record (its files' sizes and checksums, with the set's settings) is its own
+manifest part, `manifest.{shard}.json`, written once under its final name, complete, by the worker
+that wrote the shard, after the shard's files. The manifest is the union of manifest.json (if any:
+written by earlier versions, and by whoever finds the set complete) and the parts, assembled by
+whoever reads it. A worker killed mid-write leaves no part (a local write goes through a temporary
+name; an object-store upload appears only when finished), so its shard counts as not done.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import hashlib
+import io
 import json
 import os
 import re
@@ -24,10 +34,12 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
+from utils import fileio
 from utils.errors import UserError
 from utils.fileio import atomic_write, sha256_file, write_json
 
 MANIFEST = "manifest.json"
+_PART = re.compile(r"manifest\.((?:test|train_\d+))\.json")  # a shard's manifest part
 FORMAT_VERSION = 1
 TRAIN, TEST = 0, 1  # noise streams
 _STREAM_STRIDE = 1 << 40  # keeps (stream, index) keys apart for any realistic set size
@@ -87,10 +99,16 @@ def dequantise_targets(y: tf.Tensor) -> tf.Tensor:
 
 def save_npy_atomic(path: str, array: np.ndarray) -> dict:
     """np.save atomically; returns the manifest record of the file."""
+    record = {"shape": list(array.shape), "dtype": str(array.dtype)}
+    if not fileio.is_local(path):  # one upload of the finished bytes
+        buf = io.BytesIO()
+        np.save(buf, array)
+        data = buf.getvalue()
+        fileio.write_bytes(path, data)
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **record}
     with atomic_write(path) as f:
         np.save(f, array)
-    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path),
-            "shape": list(array.shape), "dtype": str(array.dtype)}
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path), **record}
 
 
 def npy_bytes(shape: tuple[int, ...], dtype) -> int:
@@ -104,25 +122,71 @@ def npy_bytes(shape: tuple[int, ...], dtype) -> int:
 
 # -- manifest --------------------------------------------------------------------------------------
 
-def read_manifest(folder: str) -> dict | None:
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(path):
-        return None
+def part_name(shard_name: str) -> str:
+    return f"manifest.{shard_name}.json"
+
+
+def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(fileio.read_bytes(path))
+    except (OSError, ValueError) as e:
         raise PairSetError(f"{path}: unreadable manifest ({e})") from None
 
 
-@contextlib.contextmanager
-def locked_manifest(folder: str) -> Iterator[dict]:
-    """Read-modify-write of manifest.json under a file lock (workers of one job share the folder)."""
-    with open(os.path.join(folder, ".manifest.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = read_manifest(folder) or {}
-        yield manifest
-        write_json(os.path.join(folder, MANIFEST), manifest)
+def read_manifest(folder: str) -> dict | None:
+    """The manifest assembled from manifest.json and the parts (None if neither exists). A part
+    overrides manifest.json's record of the same files (it is newer: a shard regenerated after the
+    set was assembled). Settings that differ between the pieces are an error."""
+    names = fileio.listdir(folder) if fileio.isdir(folder) else []
+    manifest = _read_json(os.path.join(folder, MANIFEST)) if MANIFEST in names else None
+    for name in sorted(n for n in names if _PART.fullmatch(n)):
+        path = os.path.join(folder, name)
+        try:
+            part = _read_json(path)
+        except PairSetError:  # written whole or not at all; if damaged anyway, the shard is redone
+            continue
+        if manifest is None:
+            manifest = {**part, "files": {}}
+        elif header(part) != header(manifest):
+            diff = sorted(k for k in set(header(part)) | set(header(manifest))
+                          if part.get(k) != manifest.get(k))
+            raise PairSetError(f"{path} disagrees with the rest of the manifest on "
+                               f"{', '.join(diff[:3])}: two pair sets in one folder")
+        manifest["files"].update(part["files"])
+    return manifest
+
+
+def header(manifest: dict) -> dict:
+    """Everything of a manifest (or part) but the file records: the set's settings and layout."""
+    return {k: v for k, v in manifest.items() if k != "files"}
+
+
+def write_part(folder: str, head: dict, shard: Shard, records: dict) -> None:
+    """Record a finished shard: its manifest part, written once, complete, under its final name."""
+    write_json(os.path.join(folder, part_name(shard.name)), {**head, "files": records})
+
+
+def assemble_manifest(folder: str) -> dict | None:
+    """Write manifest.json from the parts if the set is complete and it differs from what is there;
+    returns the manifest. Several workers may do so at once: they write the same bytes."""
+    manifest = read_manifest(folder)
+    if manifest is None or not is_complete(manifest):
+        return manifest
+    path = os.path.join(folder, MANIFEST)
+    current = _read_json(path) if fileio.exists(path) else None
+    if current != manifest:
+        write_json(path, manifest)
+    return manifest
+
+
+def is_complete(manifest: dict) -> bool:
+    files = manifest.get("files", {})
+    return all(name in files for s in manifest["shards"]
+               for name in shard_files(Shard(**s), manifest["compact"]))
+
+
+def shard_files(s: Shard, compact: bool) -> list[str]:
+    return [s.y_file] if compact else [s.x_file, s.y_file]
 
 
 def check_file(folder: str, name: str, record: dict | None, full: bool = True) -> str | None:
@@ -130,10 +194,11 @@ def check_file(folder: str, name: str, record: dict | None, full: bool = True) -
     path = os.path.join(folder, name)
     if record is None:
         return "not recorded as complete"
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return "missing"
-    if os.path.getsize(path) != record["bytes"]:
-        return f"size {os.path.getsize(path)} != {record['bytes']}"
+    size = fileio.getsize(path)
+    if size != record["bytes"]:
+        return f"size {size} != {record['bytes']}"
     if full and sha256_file(path) != record["sha256"]:
         return "checksum mismatch"
     return None
@@ -156,9 +221,10 @@ class PairSet:
         return sum(s.count for s in self.train)
 
     def load(self, shard: Shard) -> tuple[np.ndarray | None, np.ndarray]:
-        """(X or None if compact, Y) memory-mapped: reading a shard costs what is touched."""
-        y = np.load(os.path.join(self.folder, shard.y_file), mmap_mode="r")
-        x = None if self.compact else np.load(os.path.join(self.folder, shard.x_file), mmap_mode="r")
+        """(X or None if compact, Y): memory-mapped if local (reading a shard costs what is
+        touched), else read whole through gfile."""
+        y = load_npy(os.path.join(self.folder, shard.y_file))
+        x = None if self.compact else load_npy(os.path.join(self.folder, shard.x_file))
         return x, y
 
     def x_for(self, shard: Shard, x: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
@@ -168,10 +234,52 @@ class PairSet:
                              self.image_shape).numpy()
 
 
+def load_npy(path: str) -> np.ndarray:
+    """A read-only .npy array: memory-mapped if local, else read whole through gfile (one copy:
+    the array is a view of the bytes read)."""
+    if fileio.is_local(path):
+        return np.load(path, mmap_mode="r")
+    data = fileio.read_bytes(path)
+    shape, dtype, offset = _npy_header(io.BytesIO(data), path)
+    if len(data) != offset + int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{len(data)} bytes, not those of a {dtype}{list(shape)} array")
+    return np.frombuffer(data, dtype, int(np.prod(shape)), offset).reshape(shape)
+
+
+def _npy_header(f, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f".npy format version {version} is not supported")
+    if fortran or dtype.hasobject:
+        raise ValueError("not a C-ordered numeric array")
+    return shape, dtype, f.tell()
+
+
+def npy_info(path: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of an .npy file from its header (the size is checked against them)."""
+    with fileio.open_read(path) as f:
+        shape, dtype, offset = _npy_header(f, path)
+    size = fileio.getsize(path)
+    if size != offset + int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{size} bytes, not those of a {dtype}{list(shape)} array (truncated?)")
+    return shape, dtype
+
+
 def open_pair_set(folder: str, image_shape: tuple[int, int, int], verify: bool = False) -> PairSet:
     """Open a complete pair set for training (ours, with manifest; or the original's, without).
     Shapes and dtypes are always checked; `verify` also checks every checksum."""
-    if not os.path.isdir(folder):
+    try:
+        return _open_pair_set(folder, image_shape, verify)
+    except OSError as e:  # a filesystem gfile cannot reach, a file gone while opening
+        raise PairSetError(f"pair set {folder}: {e}") from None
+
+
+def _open_pair_set(folder: str, image_shape: tuple[int, int, int], verify: bool) -> PairSet:
+    if not fileio.isdir(folder):
         raise PairSetError(f"no pair set at {folder}")
     manifest = read_manifest(folder)
     if manifest is not None:
@@ -179,22 +287,22 @@ def open_pair_set(folder: str, image_shape: tuple[int, int, int], verify: bool =
         compact = bool(manifest["compact"])
         files = manifest.get("files", {})
         for s in shards:
-            for name in ([s.y_file] if compact else [s.x_file, s.y_file]):
+            for name in shard_files(s, compact):
                 problem = check_file(folder, name, files.get(name), full=verify)
                 if problem:
                     raise PairSetError(f"pair set {folder} is incomplete: {name} {problem}")
         seed = manifest["seed"]
     else:  # the original layout: x_train_{k}.npy / y_train_{k}.npy, test shard optional
-        ks = sorted(int(m.group(1)) for f in os.listdir(folder)
-                    if (m := re.fullmatch(r"y_train_(\d+)\.npy", f)))
+        names = fileio.listdir(folder)
+        ks = sorted(int(m.group(1)) for f in names if (m := re.fullmatch(r"y_train_(\d+)\.npy", f)))
         if not ks:
             raise PairSetError(f"no pair set at {folder} (no manifest.json, no y_train_*.npy)")
         shards, start = [], 0
-        if os.path.exists(os.path.join(folder, "y_test.npy")):
-            n = np.load(os.path.join(folder, "y_test.npy"), mmap_mode="r").shape[0]
+        if "y_test.npy" in names:
+            n = _shape_of(os.path.join(folder, "y_test.npy"))[0]
             shards.append(Shard("test", TEST, 0, n))
         for k in ks:
-            n = np.load(os.path.join(folder, f"y_train_{k}.npy"), mmap_mode="r").shape[0]
+            n = _shape_of(os.path.join(folder, f"y_train_{k}.npy"))[0]
             shards.append(Shard(f"train_{k}", TRAIN, start, n))
             start += n
         compact, seed = False, None
@@ -204,17 +312,24 @@ def open_pair_set(folder: str, image_shape: tuple[int, int, int], verify: bool =
     return PairSet(folder, [s for s in shards if s.stream == TRAIN], test, image_shape, compact, seed)
 
 
+def _shape_of(path: str) -> tuple[int, ...]:
+    try:
+        return npy_info(path)[0]
+    except (OSError, ValueError) as e:
+        raise PairSetError(f"{path}: unreadable ({e})") from None
+
+
 def _check_arrays(folder: str, s: Shard, image_shape, compact: bool) -> None:
     want = (s.count, *image_shape)
     checks = [(s.y_file, np.uint8)] + ([] if compact else [(s.x_file, np.float16)])
     for name, dtype in checks:
         path = os.path.join(folder, name)
         try:
-            a = np.load(path, mmap_mode="r")
+            shape, got = npy_info(path)
         except (OSError, ValueError) as e:
             raise PairSetError(f"{path}: unreadable ({e})") from None
-        if a.shape != want or a.dtype != dtype:
-            raise PairSetError(f"{path}: {a.dtype}{list(a.shape)}, expected "
+        if shape != want or got != dtype:
+            raise PairSetError(f"{path}: {got}{list(shape)}, expected "
                                f"{np.dtype(dtype)}{list(want)}")
 
 
@@ -240,24 +355,60 @@ def batches(pairs: PairSet, global_batch: int, epoch: int, seed: int, start_step
     """(X float32, Y uint8) batches of one epoch, shuffled across shards, from step `start_step` on.
 
     The order depends only on (seed, epoch), never on the number of workers; `part = (i, n)` yields
-    worker i's 1/n of every global batch. A partial last batch is dropped, as in the original."""
+    worker i's 1/n of every global batch. A partial last batch is dropped, as in the original.
+    At most `shards_in_memory` shards are loaded at a time: the examples a group of shards leaves
+    over for the next batch (fewer than a batch) are copied out before the group is let go."""
     worker, n_workers = part
     per_worker = global_batch // n_workers
     step = 0
     index_of = {s.name: i for i, s in enumerate(pairs.train)}
-    carry = np.empty((0, 2), np.int64)
-    for group, owner, row in epoch_order(pairs, epoch, seed, shards_in_memory):
+    carry = _Rows.empty(pairs.image_shape)  # examples left over by the previous groups
+    runs = epoch_order(pairs, epoch, seed, shards_in_memory)
+    for g, (group, owner, row) in enumerate(runs):
         ids = np.array([index_of[s.name] for s in group])[owner]
-        examples = np.concatenate([carry, np.stack([ids, row], 1)])  # (shard index, row)
-        n_full = len(examples) // global_batch
-        loaded = {}
+        new = np.stack([ids, row], 1)  # (shard index, row), after the carry
+        n_full = (len(carry) + len(new)) // global_batch
+        loaded = {}  # the shards of this group only
         for b in range(n_full):
             if step >= start_step:
-                pick = examples[b * global_batch:(b + 1) * global_batch]
-                pick = pick[worker * per_worker:(worker + 1) * per_worker]
-                yield _gather(pairs, pick, loaded)
+                lo = b * global_batch + worker * per_worker
+                yield _span(pairs, carry, new, lo, lo + per_worker, loaded).arrays()
             step += 1
-        carry = examples[n_full * global_batch:]
+        if g + 1 < len(runs):  # the leftovers start the next batch: copied only if it is wanted
+            carry = _span(pairs, carry, new, n_full * global_batch, len(carry) + len(new), loaded,
+                          copy=step >= start_step)
+
+
+@dataclass
+class _Rows:
+    """Examples taken out of their shards: (X float32, Y uint8), or only their count (`x is None`:
+    rows of a batch that is skipped)."""
+    n: int
+    x: np.ndarray | None
+    y: np.ndarray | None
+
+    @staticmethod
+    def empty(shape) -> "_Rows":
+        return _Rows(0, np.empty((0, *shape), np.float32), np.empty((0, *shape), np.uint8))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.x, self.y
+
+
+def _span(pairs: PairSet, carry: _Rows, new: np.ndarray, lo: int, hi: int, loaded: dict,
+          copy: bool = True) -> _Rows:
+    """Examples lo..hi of the carry followed by `new`."""
+    if not copy:
+        return _Rows(hi - lo, None, None)
+    c = len(carry)
+    tail = _gather(pairs, new[max(lo - c, 0):max(hi - c, 0)], loaded)
+    if lo >= c:
+        return _Rows(hi - lo, *tail)
+    head = (carry.x[lo:min(hi, c)], carry.y[lo:min(hi, c)])  # copied: wanted by this batch
+    return _Rows(hi - lo, np.concatenate([head[0], tail[0]]), np.concatenate([head[1], tail[1]]))
 
 
 def _gather(pairs: PairSet, pick: np.ndarray, loaded: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from utils import fileio
 from utils.errors import UserError
 from utils.fileio import atomic_dir, sha256_file, write_json
 from models.configs import DatasetConfig
@@ -60,8 +61,8 @@ class Weights:
 # -- format detection ----------------------------------------------------------------------------
 
 def detect_format(path: str) -> str:
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, META_FILE)):
+    if fileio.isdir(path):
+        if fileio.exists(os.path.join(path, META_FILE)):
             return "converted"
         if tf1_prefix_in(path):
             return "ddpm_tf1"
@@ -71,7 +72,7 @@ def detect_format(path: str) -> str:
         return "original_h5"
     if path.endswith((".pth", ".pt")):
         return "ddim_pth"
-    if os.path.exists(path + ".index"):
+    if fileio.exists(path + ".index"):
         return "ddpm_tf1"
     raise WeightsError(f"{path}: not found (or not a known weight format)")
 
@@ -82,7 +83,7 @@ def tf1_prefix_in(folder: str) -> str | None:
     The folder's `checkpoint` index file is not consulted: the official release's name the authors'
     own absolute paths, and a copied folder's would point back at the original.
     """
-    prefixes = sorted(f[:-len(".index")] for f in os.listdir(folder) if f.endswith(".index"))
+    prefixes = sorted(f[:-len(".index")] for f in fileio.listdir(folder) if f.endswith(".index"))
     if len(prefixes) > 1:
         raise WeightsError(f"{folder} holds {len(prefixes)} checkpoints ({', '.join(prefixes)}); "
                            f"pass one, e.g. {os.path.join(folder, prefixes[-1])}")
@@ -109,7 +110,7 @@ _TF1_SLOTS = re.compile(r"/(Adam|Adam_1|RMSProp|RMSProp_1|Momentum)$")
 
 def read_ddpm_tf1(path: str, ema: bool = True) -> Weights:
     """Variables under `model/`, by name; EMA shadows (`.../ExponentialMovingAverage`) by default."""
-    prefix = tf1_prefix_in(path) if os.path.isdir(path) else path
+    prefix = tf1_prefix_in(path) if fileio.isdir(path) else path
     try:
         reader = tf.train.load_checkpoint(prefix)
         shapes = reader.get_variable_to_shape_map()
@@ -139,7 +140,7 @@ def read_ddpm_tf1(path: str, ema: bool = True) -> Weights:
 def _checkpoint_sha256(prefix: str) -> str:
     """sha256 over the checkpoint's files (index, then data shards) in name order."""
     folder, base = os.path.split(prefix)
-    files = sorted(f for f in os.listdir(folder or ".") if f.startswith(base + "."))
+    files = sorted(f for f in fileio.listdir(folder or ".") if f.startswith(base + "."))
     h = hashlib.sha256()
     for name in files:
         h.update(sha256_file(os.path.join(folder, name)).encode())
@@ -316,22 +317,33 @@ def save_converted(model: UNet, out_dir: str, meta: dict, replace: bool = False)
 
     Everything is written to a temporary sibling folder first and renamed into place, so out_dir is
     always complete. An existing out_dir is an error unless `replace` (then it is swapped out).
+    On a `scheme://` filesystem (no atomic folder rename) weights.json is the seal instead: it is
+    removed first and written last, so a folder without it holds no weights yet.
     """
-    if os.path.exists(out_dir) and not replace and os.listdir(out_dir):
+    if fileio.exists(out_dir) and not replace and fileio.listdir(out_dir):
         raise WeightsError(f"{out_dir} already holds files; choose another directory")
+    record = {"format_version": FORMAT_VERSION, "gn_eps": model.cfg.gn_eps,
+              "network": asdict(model.cfg), **meta}
+    if not fileio.is_local(out_dir):
+        meta_path = os.path.join(out_dir, META_FILE)
+        if fileio.exists(meta_path):
+            fileio.remove(meta_path)
+        fileio.rmtree(out_dir)
+        variables_checkpoint(model).write(os.path.join(out_dir, CKPT_PREFIX))
+        write_json(meta_path, record)
+        return out_dir
     with atomic_dir(out_dir, replace=True) as tmp:
         variables_checkpoint(model).write(os.path.join(tmp, CKPT_PREFIX))
-        write_json(os.path.join(tmp, META_FILE), {"format_version": FORMAT_VERSION,
-                                                  "gn_eps": model.cfg.gn_eps,
-                                                  "network": asdict(model.cfg), **meta})
+        write_json(os.path.join(tmp, META_FILE), record)
     return out_dir
 
 
 def read_converted(out_dir: str) -> Weights:
     try:
-        with open(os.path.join(out_dir, META_FILE)) as f:
-            meta = json.load(f)
-        reader = tf.train.load_checkpoint(os.path.join(out_dir, CKPT_PREFIX))
+        meta = json.loads(fileio.read_bytes(os.path.join(out_dir, META_FILE)))
+        # the reader by prefix: load_checkpoint asks isdir() first, which ram:// answers yes
+        # for any prefix of a file name
+        reader = tf.compat.v1.train.NewCheckpointReader(os.path.join(out_dir, CKPT_PREFIX))
         keys = [k for k in reader.get_variable_to_shape_map() if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE")]
         params = {k.split("/.ATTRIBUTES")[0].replace(".S", "/"): reader.get_tensor(k) for k in keys}
     except (OSError, ValueError, tf.errors.OpError) as e:

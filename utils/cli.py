@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable
 
+from utils import fileio
 from utils.errors import UserError
 
 
@@ -37,14 +38,23 @@ def writable_dir(path: str, label: str = "") -> str:
     name = f"{label} {path}".strip()
     _check_output_dir(path, name)
     try:
-        os.makedirs(path, exist_ok=True)
+        fileio.makedirs(path)
     except OSError as e:
-        raise UserError(f"cannot create {name}: {e.strerror}") from None
+        raise UserError(f"cannot create {name}: {e.strerror or e}") from None
     return path
 
 
 def _check_output_dir(path: str, name: str) -> None:
-    """UserError unless `path` is a writable folder or could be created as one (nothing is made)."""
+    """UserError unless `path` is a writable folder or could be created as one (nothing is made).
+    A `scheme://` path (any tf.io.gfile filesystem) is checked for an unknown scheme or a file in
+    the way; whether it can be written shows at the first write."""
+    if not fileio.is_local(path):
+        try:
+            if fileio.exists(path) and not fileio.isdir(path):
+                raise UserError(f"{name} is a file, not a directory")
+        except OSError as e:  # e.g. "File system scheme 'foo' not implemented"
+            raise UserError(f"{name}: {str(e).split(': ', 1)[-1]}") from None
+        return
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{name} is a file, not a directory")
     parent = os.path.dirname(os.path.abspath(path))
@@ -104,7 +114,11 @@ def _existing(is_kind: Callable[[str], bool], kind: str) -> Callable[[str], None
 
 
 def _weights_path(path: str) -> None:
-    if not (os.path.exists(path) or os.path.exists(path + ".index")):  # a TF checkpoint prefix
+    try:  # a TF checkpoint prefix, or a file or folder on any tf.io.gfile filesystem
+        found = fileio.exists(path) or fileio.exists(path + ".index")
+    except OSError as e:
+        raise UserError(f"{path}: {str(e).split(': ', 1)[-1]}") from None
+    if not found:
         raise UserError(f"{path} not found")
 
 

@@ -23,6 +23,7 @@ from models.configs import CKPT_EVERY, DatasetConfig, TrainConfig
 from models.diffusion import student_fn, student_loss
 from models.unet import UNet
 from models.weights import load_unet
+from utils import fileio
 from utils.errors import UserError
 from utils.strategy import worker_info
 from utils.train.loop import Stage, replica_specs, save_run_config
@@ -72,7 +73,8 @@ def train_student(cfg: DatasetConfig, s: StudentSettings, strategy: tf.distribut
     shape = cfg.network.image_shape
     pairs = open_pair_set(datadir, shape)
     if worker_info()[0] == 0:
-        save_run_config(savedir, {**s.flat(), "datadir": os.path.abspath(datadir),
+        local = fileio.is_local(datadir)
+        save_run_config(savedir, {**s.flat(), "datadir": os.path.abspath(datadir) if local else datadir,
                                   "teacher": teacher_path}, MUST_MATCH_ON_RESUME)
     teacher, weights = load_unet(teacher_path, cfg, ema=not raw_teacher)
     net = teacher.cfg  # the teacher's network, GroupNorm epsilon included
@@ -125,6 +127,6 @@ def train_student(cfg: DatasetConfig, s: StudentSettings, strategy: tf.distribut
         on_checkpoint=checkpoint, ckpt_every=s.ckpt_every, desc=f"student ({cfg.name})",
         progress=progress)
     best = os.path.join(savedir, "best")
-    if stage.chief and os.path.isdir(best):
+    if stage.chief and fileio.isdir(best):
         print(f"best held-out loss {float(trainer.best_heldout.numpy()):.6g}: {best}")
     return {"steps": step, "best_heldout": float(trainer.best_heldout.numpy())}

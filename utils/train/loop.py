@@ -24,6 +24,7 @@ from tqdm import tqdm
 from models.configs import OptimConfig
 from models.unet import UNet, official_variables
 from models.weights import save_converted, variables_checkpoint
+from utils import fileio
 from utils.errors import UserError
 from utils.fileio import write_json
 from utils.images import make_grid, save_png, to_uint8
@@ -239,7 +240,7 @@ class Stage:
         if not self.chief:
             return
         grid = make_grid(to_uint8(self._sample(self._noise).numpy()))
-        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        fileio.makedirs(os.path.join(self.run_dir, "samples"))
         save_png(os.path.join(self.run_dir, "samples", f"step_{step:07d}.png"), grid)
         self.logger.image(step, tag, grid)
 
@@ -291,8 +292,8 @@ class Logger:
             for k, v in values.items():
                 tf.summary.scalar(k, v, step=step)
         self.writer.flush()
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        fileio.append_line(self.jsonl, json.dumps({"step": step, **{k: float(v) for k, v in
+                                                                     values.items()}}))
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         if self.enabled:
@@ -319,9 +320,8 @@ class Throughput:
 def save_run_config(savedir: str, config: dict, must_match: tuple[str, ...]) -> None:
     """Write the resolved settings; a resumed run must agree on those in `must_match`."""
     path = os.path.join(savedir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if fileio.exists(path):
+        old = json.loads(fileio.read_bytes(path))
         diff = [k for k in must_match if old.get(k) != config.get(k)]
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} before, {config.get(k)!r} now" for k in diff)

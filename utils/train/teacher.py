@@ -40,7 +40,7 @@ def teacher_batches(images: np.ndarray, batch: int, epoch: int, seed: int, start
 
 def trained_teacher(savedir: str) -> str | None:
     path = os.path.join(savedir, TEACHER_DIR)
-    return path if os.path.exists(os.path.join(path, META_FILE)) else None
+    return path if fileio.exists(os.path.join(path, META_FILE)) else None
 
 
 def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribute.Strategy,
