@@ -16,6 +16,9 @@ from models.weights import load_unet
 from tests.helpers import ROOT, run_main
 from utils.evaluate.export import tflite_denoiser, tflite_model, tflite_name
 
+# One worker runs this module (make test: --dist loadgroup): the export and the TensorFlow-only
+# process reading it are module fixtures, too costly to make on both.
+pytestmark = pytest.mark.xdist_group("export")
 DIGITS = CONFIGS["digits"]
 STUDENT = os.path.join(ROOT, "models", "pretrained", "digits", "student")
 SEED, N = 3_000_000_000, 50  # a seed beyond int32, and more images than tofolder's batch of 20

@@ -17,6 +17,8 @@ from tests.reference.official import (numpy_forward, official_variable_shapes, r
 from tests.helpers import run_main
 from tests.reference.original_h5 import write_original_h5
 
+# One worker runs this module (make test: --dist loadgroup): the TF1 checkpoint is a module fixture.
+pytestmark = pytest.mark.xdist_group("weights")
 TINY = CONFIGS["tiny"]
 NET = TINY.network
 SHAPES = official_variable_shapes(NET.ch, NET.ch_mult, NET.num_res_blocks, NET.attn_resolutions,
