@@ -14,11 +14,15 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 demo: $(BIN)/.installed
 	$(BIN)/python eval.py figures ./figures digits --n_images 49
 
+# Two pytest-xdist workers; tests/conftest.py builds the shared tiny teacher, pair set and student
+# once for both, and xdist_group marks keep each module with costly module fixtures on one worker.
+XDIST := -n 2 --dist loadgroup
+
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(XDIST) tests
 
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" tests
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/forward.py --datasets cifar10 --batches 1 64

@@ -1,5 +1,12 @@
+"""Shared set-up: TensorFlow imported quietly, and the session's tiny teacher, pair set and trained
+student, each built once per test run and shared by every test (and every pytest-xdist worker)
+that needs it."""
+import fcntl
 import os
+import shutil
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -8,3 +15,69 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from utils.cli import quiet_tensorflow  # noqa: E402
 
 quiet_tensorflow()
+
+# The session pair set: the tiny config's own sizes (256 training pairs in 4 shards of 64, 64
+# held out), teacher batches of 32, seed 1. Plain graph (--no-xla): XLA compile time would dominate
+# runs this short; tests/test_pairs.py checks that XLA and the plain graph agree.
+PAIRS = ["--n_examples", "256", "--shard_size", "64", "--n_test", "64", "--gen_batch_size", "32",
+         "--seed", "1", "--no_progress", "--no-xla"]
+PAIR_SEED = 1
+# The session student: 4 epochs of 8 steps at batch 32 from the tiny teacher, scored on 32 held-out
+# pairs at each epoch end (a random-weight teacher is a hard target: a clear, steady fall is all
+# 32 steps give; the digits end-to-end test shows the large drop).
+STUDENT = ["--batch_size", "32", "--n_eval", "32", "--no_generate", "--epochs", "4", "--lr", "2e-3",
+           "--warmup_steps", "5", "--ema_decay", "0.5", "--ckpt_every", "1000"]
+
+
+def shared(tmp_path_factory, name, build):
+    """A folder built once for the whole run by `build(folder)`: under pytest-xdist the first
+    worker to ask builds it (under a file lock) and the others wait for it and reuse it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # common to the workers of this run
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir()
+            build(folder)
+            done.write_text("")
+    return folder
+
+
+def run_training(argv):
+    """training.py's main() in this process (for set-up; tests/helpers.py has the CLI runners)."""
+    import training
+    assert training.main([str(a) for a in argv]) == 0
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A converted tiny checkpoint with random (non-zero) weights: the teacher of the session's
+    pairs, and the tiny weights that the CLIs' error tests refuse for other datasets."""
+    from tests.helpers import make_tiny_teacher
+    folder = shared(tmp_path_factory, "teacher", lambda f: make_tiny_teacher(str(f / "tiny")))
+    return str(folder / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory, tiny_teacher):
+    """The tiny teacher's complete pair set (stage 1, generated in this process)."""
+    def build(folder):
+        run_training(["tiny", folder / "run", "--teacher", tiny_teacher, "--datadir",
+                      folder / "pairs", *PAIRS, "--generate_only"])
+    return str(shared(tmp_path_factory, "pairs", build) / "pairs")
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, tiny_teacher, tiny_pairs):
+    """A training run (SAVEDIR) of a short student trained on the session pairs: logs, best/ and
+    last/ exports. Eval tests sample it; tests/test_training.py checks that it learned."""
+    def build(folder):
+        run_training(["tiny", folder / "run", "--teacher", tiny_teacher, "--datadir", tiny_pairs,
+                      *PAIRS, *STUDENT])
+    return str(shared(tmp_path_factory, "student", build) / "run")

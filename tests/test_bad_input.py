@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.helpers import make_tiny_teacher, run_cli, run_main
+from tests.helpers import run_cli, run_main
 from utils.cli import nonneg_int, positive_float, positive_int, seed_int, unit_interval
 
 # Every numeric flag with values it must refuse. argparse-level: refused before any work.
@@ -112,8 +112,10 @@ CONVERT_CASES = [
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return make_tiny_teacher(str(tmp_path_factory.mktemp("student") / "tiny"), seed=5)
+def student(tiny_teacher):
+    """Tiny weights in our converted format (the session's, tests/conftest.py); nothing else is
+    written to its folder once made, so 'nothing written' can be watched there."""
+    return tiny_teacher
 
 
 @pytest.fixture

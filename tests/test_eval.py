@@ -1,4 +1,6 @@
-"""eval.py as users run it: grids, folders, interpolation, speed, released-format students, errors."""
+"""eval.py as users run it: grids, folders, interpolation, speed, released-format students, errors.
+The commands run in this process (run_main) unless the process itself is under test (SIGKILL and
+resume, peak memory); the student is the session's short trained one (tests/conftest.py)."""
 import os
 import signal
 import subprocess
@@ -13,7 +15,7 @@ from PIL import Image
 from models.configs import CONFIGS
 from models.diffusion import student_sample
 from models.weights import load_unet
-from tests.helpers import ROOT, make_tiny_teacher, run_cli, run_main
+from tests.helpers import ROOT, run_cli, run_main
 from tests.reference.official import official_variable_shapes, random_params
 from tests.reference.original_h5 import write_original_h5
 
@@ -21,31 +23,35 @@ TINY = CONFIGS["tiny"]
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return make_tiny_teacher(str(tmp_path_factory.mktemp("student") / "tiny"), seed=5)
+def student(tiny_student):
+    """A training run (SAVEDIR): what --model_dir takes; eval loads its best/ export."""
+    return tiny_student
 
 
 def png(path):
     return np.asarray(Image.open(path))
 
 
-def reference_samples(model_dir, seed, n):
+def reference_samples(run_dir, seed, n):
     """Samples by definition: noise i = stateless N(0, I) keyed (seed, 2 * 2^40 + i) in float16,
     x0 = z - f(z, 999), mapped to uint8 with rounding."""
-    model, _ = load_unet(model_dir, TINY)
+    model, _ = load_unet(os.path.join(run_dir, "best"), TINY)  # a run's best/ export
     z = np.stack([tf.random.stateless_normal((16, 16, 3), seed=tf.constant([seed, 2 * 2 ** 40 + i], tf.int64))
                   .numpy().astype(np.float16).astype(np.float32) for i in range(n)])
     x0 = tf.function(lambda v: student_sample(model, v))(z).numpy()
     return np.floor((np.clip(x0, -1, 1) + 1) * 127.5 + 0.5).astype(np.uint8)
 
 
-def figures(out, model_dir, *extra):
-    return run_cli("eval.py", "figures", str(out), "tiny", "--model_dir", model_dir, "--no-xla", *extra)
+def figures(capsys, out, model_dir, *extra):
+    """eval.py figures in this process: (exit code, stdout, stderr)."""
+    return run_main("eval", ["figures", out, "tiny", "--model_dir", model_dir, "--no-xla", *extra],
+                    capsys)
 
 
-def test_grid_tiles_are_the_seeded_samples_and_never_overwritten(student, tmp_path):
-    r = figures(tmp_path, student, "--n_images", "10", "--batch_size", "4", "--seed", "3")
-    assert r.returncode == 0, r.stderr
+def test_grid_tiles_are_the_seeded_samples_and_never_overwritten(student, tmp_path, capsys):
+    code, _, err = figures(capsys, tmp_path, student, "--n_images", "10", "--batch_size", "4",
+                           "--seed", "3")
+    assert code == 0, err
     grid = png(tmp_path / "tiny_figure_0.png")
     assert grid.shape == (3 * 17 - 1, 4 * 17 - 1, 3)  # ceil(sqrt(10)) = 4 per row, 1-pixel gutter
     ref = reference_samples(student, seed=3, n=10)
@@ -54,31 +60,32 @@ def test_grid_tiles_are_the_seeded_samples_and_never_overwritten(student, tmp_pa
         tile = grid[r_ * 17:r_ * 17 + 16, c_ * 17:c_ * 17 + 16]
         assert np.abs(tile.astype(int) - ref[i]).max() <= 1, i
     assert (grid[16, :] == 255).all() and (grid[2 * 17:, 2 * 17:] == 255).all()  # gutter, empty cells
-    again = figures(tmp_path, student, "--n_images", "10", "--batch_size", "7", "--seed", "3")
-    assert again.returncode == 0, again.stderr
+    code, _, err = figures(capsys, tmp_path, student, "--n_images", "10", "--batch_size", "7",
+                           "--seed", "3")
+    assert code == 0, err
     assert open(tmp_path / "tiny_figure_1.png", "rb").read() == open(tmp_path / "tiny_figure_0.png", "rb").read()
-    zoomed = figures(tmp_path, student, "--n_images", "10", "--seed", "3", "--zoom", "3")
-    assert zoomed.returncode == 0, zoomed.stderr
+    code, _, err = figures(capsys, tmp_path, student, "--n_images", "10", "--seed", "3", "--zoom", "3")
+    assert code == 0, err
     big = png(tmp_path / "tiny_figure_2.png")
     rows, cols = np.arange(big.shape[0]) // 3, np.arange(big.shape[1]) // 3
     assert big.shape == (3 * grid.shape[0], 3 * grid.shape[1], 3)
     assert np.array_equal(big, grid[rows[:, None], cols[None, :]])  # pixel (y, x) = grid (y//3, x//3)
 
 
-def test_released_h5_student_samples_like_its_conversion(tmp_path):
+def test_released_h5_student_samples_like_its_conversion(tmp_path, capsys):
     net = TINY.network
     params = random_params(official_variable_shapes(net.ch, net.ch_mult, net.num_res_blocks,
                                                     net.attn_resolutions, net.resolution), seed=9)
     release = tmp_path / "denoising_student_models"
     release.mkdir()
     write_original_h5(str(release / "tiny_ema_model.h5"), params, family="ddpm", kind="student")
-    conv = run_cli("-m", "models.convert", "--dataset", "tiny", str(release / "tiny_ema_model.h5"),
-                   str(tmp_path / "converted"))
-    assert conv.returncode == 0, conv.stderr
+    code, _, err = run_main("models.convert", ["--dataset", "tiny", release / "tiny_ema_model.h5",
+                                               tmp_path / "converted"], capsys)
+    assert code == 0, err
     for name, model_dir in (("h5", release), ("conv", tmp_path / "converted")):
-        r = figures(tmp_path / name, str(model_dir), "--n_images", "4", "--seed", "1")
-        assert r.returncode == 0, r.stderr
-        assert "GroupNorm eps 0.001" in r.stdout  # the original's tensorflow-addons epsilon
+        code, out, err = figures(capsys, tmp_path / name, model_dir, "--n_images", "4", "--seed", "1")
+        assert code == 0, err
+        assert "GroupNorm eps 0.001" in out  # the original's tensorflow-addons epsilon
     assert np.array_equal(png(tmp_path / "h5" / "tiny_figure_0.png"),
                           png(tmp_path / "conv" / "tiny_figure_0.png"))
 
@@ -124,12 +131,16 @@ def test_ten_thousand_image_figure_stays_within_one_batch_of_memory(student, tmp
     assert big - small < 2 * grid_mb + 40
 
 
-def test_speed_runs_with_random_weights(tmp_path):
-    r = run_cli("eval.py", "speed", "tiny", "--batch_size", "8", "--repeats", "1", "--no-xla")
-    assert r.returncode == 0, r.stderr
+def test_speed_runs_with_random_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./denoising_student_models here: random weights
+    code, out, err = run_main("eval", ["speed", "tiny", "--batch_size", "8", "--repeats", "1",
+                                       "--no-xla"], capsys)
+    assert code == 0, err
     calls = len({int(v) for v in np.linspace(0, np.sqrt(800), 10) ** 2})  # tiny: 10 quadratic steps
-    assert "weights: random" in r.stdout and f"teacher ({calls} calls)" in r.stdout
-    assert "faster" in r.stdout
+    assert "weights: random" in out and f"teacher ({calls} calls)" in out
+    # one network call against `calls` of the same network: the student must come out faster
+    speedup = float(out.split("student / teacher:")[1].split("x faster")[0])
+    assert speedup > 1, out
 
 
 def test_tofolder_remakes_pngs_that_do_not_verify(student, tmp_path, capsys):

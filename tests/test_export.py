@@ -13,9 +13,12 @@ from PIL import Image
 
 from models.configs import CONFIGS
 from models.weights import load_unet
-from tests.helpers import ROOT, run_cli, run_main
+from tests.helpers import ROOT, run_main
 from utils.evaluate.export import tflite_denoiser, tflite_model, tflite_name
 
+# One worker runs this module (make test: --dist loadgroup): the export and the TensorFlow-only
+# process reading it are module fixtures, too costly to make on both.
+pytestmark = pytest.mark.xdist_group("export")
 DIGITS = CONFIGS["digits"]
 STUDENT = os.path.join(ROOT, "models", "pretrained", "digits", "student")
 SEED, N = 3_000_000_000, 50  # a seed beyond int32, and more images than tofolder's batch of 20
@@ -94,17 +97,17 @@ def fresh(export_dir, z, tmp_path_factory):
     return dict(np.load(work / "out.npz"))
 
 
-def eval_pngs(tmp_path, *flags):
-    """eval.py's own images: `tofolder` run as a user would."""
-    r = run_cli("eval.py", "tofolder", str(tmp_path / "imgs"), "digits", "--seed", str(SEED),
-                "--n_images", str(N), *flags)
-    assert r.returncode == 0, r.stderr
+def eval_pngs(tmp_path, capsys, *flags):
+    """eval.py's own images: `tofolder` (in this process)."""
+    code, _, err = run_main("eval", ["tofolder", tmp_path / "imgs", "digits", "--seed", SEED,
+                                     "--n_images", N, *flags], capsys)
+    assert code == 0, err
     return np.stack([np.asarray(Image.open(tmp_path / "imgs" / f"{i:05d}.png"))[..., None]
                      for i in range(N)])
 
 
-def test_sample_is_bit_identical_to_eval_tofolder(fresh, tmp_path):
-    pngs = eval_pngs(tmp_path)
+def test_sample_is_bit_identical_to_eval_tofolder(fresh, tmp_path, capsys):
+    pngs = eval_pngs(tmp_path, capsys)
     assert fresh["sample"].dtype == np.uint8 and fresh["sample"].shape == (N, 8, 8, 1)
     assert np.array_equal(fresh["sample"], pngs)
     assert np.array_equal(fresh["serving_default"], pngs)
@@ -210,15 +213,15 @@ def test_help_names_the_signatures_and_options(capsys):
 
 
 @pytest.mark.slow
-def test_no_xla_int8_export_matches_tofolder_no_xla(tmp_path, z):
-    r = run_cli("eval.py", "export", str(tmp_path / "export"), "digits", "--no-xla",
-                "--tflite", "int8")
-    assert r.returncode == 0, r.stderr
+def test_no_xla_int8_export_matches_tofolder_no_xla(tmp_path, z, capsys):
+    code, _, err = run_main("eval", ["export", tmp_path / "export", "digits", "--no-xla",
+                                     "--tflite", "int8"], capsys)
+    assert code == 0, err
     assert sorted(os.listdir(tmp_path / "export")) == ["README.txt", "denoise_int8.tflite",
                                                        "saved_model"]
     assert "XLA off" in (tmp_path / "export" / "README.txt").read_text()
     sample = tf.saved_model.load(str(tmp_path / "export" / "saved_model")).signatures["sample"]
     got = sample(seed=tf.constant(SEED, tf.int64), n=tf.constant(N))["images"].numpy()
-    assert np.array_equal(got, eval_pngs(tmp_path, "--no-xla"))
+    assert np.array_equal(got, eval_pngs(tmp_path, capsys, "--no-xla"))
     images = tflite_denoiser(str(tmp_path / "export" / "denoise_int8.tflite"))(z[:3])
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8

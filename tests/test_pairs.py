@@ -16,18 +16,26 @@ from data.shards import PairSetError, batches, open_pair_set, read_manifest, hel
 from models.configs import CONFIGS
 from models.diffusion import ddim_plan, ddim_sample
 from models.weights import load_unet
-from tests.helpers import ROOT, make_tiny_teacher, run_cli
+from tests.conftest import PAIR_SEED, PAIRS
+from tests.helpers import ROOT, run_cli, run_main
 
 TINY = CONFIGS["tiny"]
 SHAPE = (16, 16, 3)
-SEED = 7
-GEN = ["--n_examples", "192", "--shard_size", "32", "--n_test", "32", "--gen_batch_size", "16",
-       "--seed", str(SEED), "--generate_only", "--no_progress"]
+SEED = PAIR_SEED
+# The settings of the session pair set (tests/conftest.py): 256 pairs in 4 shards of 64, 64 held
+# out, seed 1, plain graph; regenerated here in other folders, they must give the same files.
+GEN = [*PAIRS, "--generate_only"]
+N_FILES = 2 * (4 + 1)  # x and y of 4 training shards and the held-out shard
 
 
-def generate(teacher, datadir, *extra, **kw):
-    return run_cli("training.py", "tiny", os.path.join(datadir, "run"), "--teacher", teacher,
-                   "--datadir", datadir, *GEN, *extra, **kw)
+def generate_args(teacher, datadir, *extra):
+    return ["training.py", "tiny", os.path.join(datadir, "run"), "--teacher", teacher,
+            "--datadir", datadir, *GEN, *extra]
+
+
+def generate(teacher, datadir, capsys, *extra):
+    """training.py --generate_only in this process: (exit code, stdout, stderr)."""
+    return run_main("training", generate_args(teacher, datadir, *extra)[1:], capsys)
 
 
 def files_of(folder):
@@ -36,16 +44,13 @@ def files_of(folder):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "tiny"))
+def teacher(tiny_teacher):
+    return tiny_teacher
 
 
 @pytest.fixture(scope="module")
-def reference_set(teacher, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("pairs") / "ref")
-    r = generate(teacher, folder)
-    assert r.returncode == 0, r.stderr
-    return folder
+def reference_set(tiny_pairs):
+    return tiny_pairs
 
 
 def reference_noise(seed, stream, index):
@@ -54,24 +59,22 @@ def reference_noise(seed, stream, index):
     return x.numpy().astype(np.float16)
 
 
-@pytest.mark.slow
 def test_layout_manifest_and_definition_of_x(reference_set):
     m = read_manifest(reference_set)
     names = sorted(files_of(reference_set))
     assert names == sorted([f"{p}_{s}.npy" for p in "xy"
-                            for s in ["test"] + [f"train_{k}" for k in range(6)]])
-    assert m["seed"] == SEED and m["n_examples"] == 192 and m["format_version"] == 1
+                            for s in ["test"] + [f"train_{k}" for k in range(4)]])
+    assert m["seed"] == SEED and m["n_examples"] == 256 and m["format_version"] == 1
     for name, rec in m["files"].items():
         assert rec["sha256"] == shards.sha256_file(os.path.join(reference_set, name))
     x1 = np.load(os.path.join(reference_set, "x_train_1.npy"))
-    assert x1.dtype == np.float16 and x1.shape == (32, *SHAPE)
-    np.testing.assert_array_equal(x1[5], reference_noise(SEED, 0, 32 + 5))
+    assert x1.dtype == np.float16 and x1.shape == (64, *SHAPE)
+    np.testing.assert_array_equal(x1[5], reference_noise(SEED, 0, 64 + 5))
     np.testing.assert_array_equal(np.load(os.path.join(reference_set, "x_test.npy"))[0],
                                   reference_noise(SEED, 1, 0))
     assert os.path.exists(os.path.join(reference_set, "preview.png"))
 
 
-@pytest.mark.slow
 def test_targets_are_the_teacher_ddim_output_rounded(reference_set, teacher):
     model, _ = load_unet(teacher, TINY)
     x = np.load(os.path.join(reference_set, "x_train_2.npy")).astype(np.float32)
@@ -79,16 +82,29 @@ def test_targets_are_the_teacher_ddim_output_rounded(reference_set, teacher):
     expected = np.floor((np.clip(out, -1, 1) + 1) * 127.5 + 0.5).astype(np.uint8)  # round half up
     stored = np.load(os.path.join(reference_set, "y_train_2.npy"))
     diff = np.abs(stored.astype(int) - expected)
-    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # XLA vs plain graph: rare 1-level flips
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # other kernels may round a .5 differently
     assert np.std(stored) > 5  # a real, non-constant teacher output
+
+
+def test_xla_and_plain_graph_give_the_same_targets(reference_set, teacher):
+    """The one XLA check outside the end-to-end test: generation's compiled teacher loop (the
+    default) against the plain graph that the session pair set was made with."""
+    model, _ = load_unet(teacher, TINY)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    x = np.load(os.path.join(reference_set, "x_train_0.npy"))[:32].astype(np.float32)
+    xla, plain = (make_teacher_fn(model, TINY, strategy, xla=flag)(x) for flag in (True, False))
+    assert xla.shape == plain.shape == (32, *SHAPE) and np.std(plain) > 0.05
+    np.testing.assert_allclose(xla, plain, rtol=1e-4, atol=1e-4)
+    to_uint8 = lambda v: np.floor((np.clip(v, -1, 1) + 1) * 127.5 + 0.5).astype(int)  # noqa: E731
+    diff = np.abs(to_uint8(xla) - to_uint8(plain))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # rare 1-level flips at a .5 boundary
 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_is_byte_identical(reference_set, teacher, tmp_path):
     folder = str(tmp_path / "killed")
-    cmd = [sys.executable, "training.py", "tiny", str(tmp_path / "run"), "--teacher", teacher,
-           "--datadir", folder, *GEN]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, *generate_args(teacher, folder)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": ROOT})
     deadline = time.time() + 300
     while time.time() < deadline:  # kill once some but not all shards are recorded
@@ -99,8 +115,8 @@ def test_sigkill_and_resume_is_byte_identical(reference_set, teacher, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     recorded = len(read_manifest(folder)["files"])
-    assert 3 <= recorded < 14, recorded
-    r = generate(teacher, folder)
+    assert 3 <= recorded < N_FILES, recorded
+    r = run_cli(*generate_args(teacher, folder))  # resumed by a fresh process, as a user would
     assert r.returncode == 0, r.stderr
     assert files_of(folder) == files_of(reference_set)
     assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
@@ -109,7 +125,7 @@ def test_sigkill_and_resume_is_byte_identical(reference_set, teacher, tmp_path):
 @pytest.mark.slow
 def test_two_replicas_give_the_same_pairs(reference_set, teacher, tmp_path):
     folder = str(tmp_path / "two")
-    r = generate(teacher, folder, "--cpu_replicas", "2")
+    r = run_cli(*generate_args(teacher, folder, "--cpu_replicas", "2"))
     assert r.returncode == 0, r.stderr
     a, b = files_of(folder), files_of(reference_set)
     for name in a:
@@ -123,29 +139,27 @@ def test_two_replicas_give_the_same_pairs(reference_set, teacher, tmp_path):
             print(f"{name}: {flips} of {ya.size} values differ by one level")
 
 
-@pytest.mark.slow
-def test_corrupt_shard_is_detected_and_regenerated(reference_set, teacher, tmp_path):
+def test_corrupt_shard_is_detected_and_regenerated(reference_set, teacher, tmp_path, capsys):
     folder = str(tmp_path / "corrupt")
     shutil.copytree(reference_set, folder)
     path = os.path.join(folder, "y_train_3.npy")
     data = bytearray(open(path, "rb").read())
     data[-10] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    r = generate(teacher, folder)
-    assert r.returncode == 0, r.stderr
-    assert "regenerating train_3: y_train_3.npy checksum mismatch" in r.stdout
+    code, out, err = generate(teacher, folder, capsys)
+    assert code == 0, err
+    assert "regenerating train_3: y_train_3.npy checksum mismatch" in out
     assert files_of(folder) == files_of(reference_set)
 
 
-@pytest.mark.slow
-def test_other_settings_are_refused_without_touching_files(reference_set, teacher, tmp_path):
+def test_other_settings_are_refused_without_touching_files(reference_set, teacher, tmp_path,
+                                                          capsys):
     folder = str(tmp_path / "other")
     shutil.copytree(reference_set, folder)
     before = files_of(folder)
-    r = run_cli("training.py", "tiny", str(tmp_path / "run"), "--teacher", teacher, "--datadir",
-                folder, *GEN[:-4], "--seed", "8", "--generate_only")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "other settings (seed: 7 there, 8 now)" in r.stderr
+    code, _, err = generate(teacher, folder, capsys, "--seed", "8")  # the last --seed counts
+    assert code == 2 and "Traceback" not in err
+    assert "other settings (seed: 1 there, 8 now)" in err
     assert files_of(folder) == before
 
 
@@ -234,8 +248,7 @@ def test_two_workers_write_disjoint_shards_of_the_same_set(reference_set, teache
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                      "task": {"type": "worker", "index": i}}
         procs.append(subprocess.Popen(
-            [sys.executable, "training.py", "tiny", str(tmp_path / "run"), "--teacher", teacher,
-             "--datadir", folder, *GEN], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, *generate_args(teacher, folder)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env={**os.environ, "PYTHONPATH": ROOT, "TF_CONFIG": json.dumps(tf_config)}))
     for p in procs:
         out, err = p.communicate(timeout=600)
@@ -244,4 +257,4 @@ def test_two_workers_write_disjoint_shards_of_the_same_set(reference_set, teache
     for name, data in files_of(folder).items():
         if name.startswith("x_"):
             assert data == files_of(reference_set)[name], name
-    assert len(read_manifest(folder)["files"]) == 14
+    assert len(read_manifest(folder)["files"]) == N_FILES

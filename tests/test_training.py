@@ -16,7 +16,8 @@ from models.configs import CONFIGS, OptimConfig
 from models.diffusion import student_loss
 from models.unet import UNet, official_variables
 from models.weights import load_unet, read_converted
-from tests.helpers import ROOT, make_tiny_teacher, run_cli
+from tests.conftest import PAIRS
+from tests.helpers import ROOT, run_cli
 from tests.reference.official import numpy_forward, official_variable_shapes, random_params
 from utils.train.loop import Trainer
 
@@ -24,8 +25,6 @@ TINY = CONFIGS["tiny"]
 NET = TINY.network
 PARAMS = random_params(official_variable_shapes(NET.ch, NET.ch_mult, NET.num_res_blocks,
                                                 NET.attn_resolutions, NET.resolution), seed=3)
-PAIRS = ["--n_examples", "256", "--shard_size", "64", "--n_test", "64", "--gen_batch_size", "32",
-         "--seed", "1", "--no_progress"]
 
 
 def tiny_model():
@@ -93,20 +92,11 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
     assert moved > len(w1) // 2  # the update really changed the weights
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("train")
-    teacher = make_tiny_teacher(str(base / "teacher"))
-    r = run_cli("training.py", "tiny", str(base / "gen"), "--teacher", teacher, "--datadir",
-                str(base / "pairs"), *PAIRS, "--generate_only")
-    assert r.returncode == 0, r.stderr
-    return base, teacher
-
-
-def train_args(base, teacher, savedir, *extra):
-    return ["training.py", "tiny", str(savedir), "--teacher", teacher, "--datadir",
-            str(base / "pairs"), *PAIRS, "--batch_size", "32", "--ckpt_every", "2", "--n_eval", "32",
-            "--no_generate", "--no-xla", *extra]  # XLA compile time would dominate these short runs
+def train_args(teacher, pairs, savedir, *extra):
+    # the session's teacher and pairs (tests/conftest.py); PAIRS holds --no-xla: XLA compile time
+    # would dominate these short runs
+    return ["training.py", "tiny", str(savedir), "--teacher", teacher, "--datadir", pairs, *PAIRS,
+            "--batch_size", "32", "--ckpt_every", "2", "--n_eval", "32", "--no_generate", *extra]
 
 
 def weights_of(folder):
@@ -114,10 +104,9 @@ def weights_of(folder):
 
 
 @pytest.mark.slow
-def test_one_and_two_replicas_reach_the_same_weights(setup, tmp_path):
-    base, teacher = setup
+def test_one_and_two_replicas_reach_the_same_weights(tiny_teacher, tiny_pairs, tmp_path):
     for name, extra in (("one", []), ("two", ["--cpu_replicas", "2"])):
-        r = run_cli(*train_args(base, teacher, tmp_path / name, "--epochs", "0.5", *extra))
+        r = run_cli(*train_args(tiny_teacher, tiny_pairs, tmp_path / name, "--epochs", "0.5", *extra))
         assert r.returncode == 0, r.stderr
     a, b = weights_of(tmp_path / "one" / "last"), weights_of(tmp_path / "two" / "last")
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
@@ -132,15 +121,14 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_workers_complete_a_few_steps(setup, tmp_path):
-    base, teacher = setup
+def test_two_workers_complete_a_few_steps(tiny_teacher, tiny_pairs, tmp_path):
     ports = [free_port(), free_port()]
     procs = []
     for i in range(2):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                      "task": {"type": "worker", "index": i}}
         procs.append(subprocess.Popen(
-            [sys.executable, *train_args(base, teacher, tmp_path / "mw", "--epochs", "0.25")],
+            [sys.executable, *train_args(tiny_teacher, tiny_pairs, tmp_path / "mw", "--epochs", "0.25")],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": ROOT, "TF_CONFIG": json.dumps(tf_config)}))
     outs = [p.communicate(timeout=600) for p in procs]
@@ -152,11 +140,10 @@ def test_two_workers_complete_a_few_steps(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_ends_with_the_same_weights(setup, tmp_path):
-    base, teacher = setup
-    full = run_cli(*train_args(base, teacher, tmp_path / "full", "--epochs", "1"))
+def test_sigkill_and_resume_ends_with_the_same_weights(tiny_teacher, tiny_pairs, tmp_path):
+    full = run_cli(*train_args(tiny_teacher, tiny_pairs, tmp_path / "full", "--epochs", "1"))
     assert full.returncode == 0, full.stderr
-    args = train_args(base, teacher, tmp_path / "killed", "--epochs", "1")
+    args = train_args(tiny_teacher, tiny_pairs, tmp_path / "killed", "--epochs", "1")
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": ROOT})
     ckpts = tmp_path / "killed" / "checkpoints"
@@ -179,18 +166,14 @@ def test_sigkill_and_resume_ends_with_the_same_weights(setup, tmp_path):
             np.testing.assert_allclose(b_ck.get_tensor(key), a_ck.get_tensor(key), atol=1e-5)
 
 
-@pytest.mark.slow
-def test_heldout_loss_falls_steadily_below_its_initial_value(setup, tmp_path):
-    base, teacher = setup
-    # A random-weight teacher makes a hard, chaotic target for 192 pairs; the digits end-to-end test
+def test_heldout_loss_falls_steadily_below_its_initial_value(tiny_student):
+    # The session student (tests/conftest.py): 4 epochs of 8 steps, lr 2e-3, EMA decay 0.5. A
+    # random-weight teacher makes a hard, chaotic target for 256 pairs; the digits end-to-end test
     # (a trained teacher) shows the large drop. Here: a clear, steady fall.
-    r = run_cli(*train_args(base, teacher, tmp_path / "learn", "--epochs", "4", "--lr", "2e-3",
-                            "--warmup_steps", "5", "--ema_decay", "0.5", "--ckpt_every", "1000"))
-    assert r.returncode == 0, r.stderr
-    log = [json.loads(line) for line in open(tmp_path / "learn" / "logs" / "scalars.jsonl")]
+    log = [json.loads(line) for line in open(os.path.join(tiny_student, "logs", "scalars.jsonl"))]
     held = [e["heldout_loss"] for e in log if "heldout_loss" in e]
     print(f"held-out L1 per image: {held[0]:.1f} at init -> {min(held):.1f} after {log[-1]['step']} steps")
+    assert log[-1]["step"] == 32 and len(held) == 5  # step 0, then each epoch end
     assert min(held) < 0.92 * held[0] and held == sorted(held, reverse=True)
-    model, w = load_unet(str(tmp_path / "learn" / "best"), TINY)
+    model, w = load_unet(os.path.join(tiny_student, "best"), TINY)
     assert w.dataset == "tiny" and w.ema
-

@@ -2,7 +2,6 @@
 (tests/reference), checked tensor by tensor and by an independent NumPy forward pass."""
 import importlib.util
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,9 +14,11 @@ from models.weights import (ORIGINAL_GN_EPS, WeightsError, load_unet, read_weigh
                             save_converted)
 from tests.reference.official import (numpy_forward, official_variable_shapes, random_params,
                                       write_ddim_pth, write_ddpm_tf1_checkpoint)
+from tests.helpers import run_main
 from tests.reference.original_h5 import write_original_h5
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One worker runs this module (make test: --dist loadgroup): the TF1 checkpoint is a module fixture.
+pytestmark = pytest.mark.xdist_group("weights")
 TINY = CONFIGS["tiny"]
 NET = TINY.network
 SHAPES = official_variable_shapes(NET.ch, NET.ch_mult, NET.num_res_blocks, NET.attn_resolutions,
@@ -101,19 +102,20 @@ def test_original_h5_of_the_other_family_is_rejected(tmp_path):
         load_unet(path, TINY)  # read in DDPM order: kinds or shapes disagree
 
 
-def test_convert_cli_records_provenance_and_round_trips(tf1_ckpt, tmp_path):
+def test_convert_cli_records_provenance_and_round_trips(tf1_ckpt, tmp_path, capsys):
+    # in this process (run_main); tests/test_bad_input.py checks the real process's exit and stderr
     out = str(tmp_path / "converted")
-    cmd = [sys.executable, "-m", "models.convert", "--dataset", "tiny", tf1_ckpt, out]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    argv = ["--dataset", "tiny", tf1_ckpt, out]
+    code, _, err = run_main("models.convert", argv, capsys)
+    assert code == 0, err
     model, w = load_unet(out, TINY)
     assert_holds(model, EMA)
     assert (w.format, w.ema, w.step, w.dataset) == ("converted", True, 790000, "tiny")
     assert len(w.sha256) == 64 and w.source == tf1_ckpt
     before = sorted(os.listdir(out))
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "Traceback" not in again.stderr
-    assert "already holds" in again.stderr and sorted(os.listdir(out)) == before
+    code, _, err = run_main("models.convert", argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "already holds" in err and sorted(os.listdir(out)) == before
 
 
 def test_converted_checkpoint_of_another_dataset_is_rejected(tmp_path):
@@ -195,8 +197,8 @@ def test_tf1_folder_is_found_without_trusting_its_checkpoint_file(tf1_ckpt, tmp_
 
 def test_tf1_folder_with_several_checkpoints_names_them(tmp_path):
     folder = tmp_path / "run"
-    for step in (10, 20):
-        write_ddpm_tf1_checkpoint(str(folder / "model.ckpt"), RAW, EMA, step=step, with_adam=False)
+    write_ddpm_tf1_checkpoint(str(folder / "model.ckpt"), RAW, EMA, step=10, with_adam=False,
+                              also_steps=[20])  # one TF1 graph, saved at steps 10 and 20
     with pytest.raises(WeightsError) as e:
         load_unet(str(folder), TINY)
     assert str(e.value) == (f"{folder} holds 2 checkpoints (model.ckpt-10, model.ckpt-20); "

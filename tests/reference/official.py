@@ -298,6 +298,7 @@ def write_ddpm_tf1_checkpoint(
     ema_params: dict | None,
     step: int,
     with_adam: bool = True,
+    also_steps: Iterable[int] = (),
 ) -> str:
     """Write a real TF1 (graph-mode Saver) checkpoint ``<prefix>-<step>``; return its path.
 
@@ -307,7 +308,8 @@ def write_ddpm_tf1_checkpoint(
     Variables: ``model/<name>``; with ema_params also ``model/<name>/ExponentialMovingAverage``
     (made by a real tf.compat.v1.train.ExponentialMovingAverage); with_adam also
     ``model/<name>/Adam``, ``.../Adam_1``, ``beta1_power``, ``beta2_power``; always
-    ``global_step`` (int64).
+    ``global_step`` (int64). ``also_steps``: the same values saved again by the same Saver under
+    these steps too (a run's later checkpoints); the last path is returned.
     """
     import tensorflow as tf
 
@@ -376,7 +378,11 @@ def write_ddpm_tf1_checkpoint(
         with v1.Session(graph=graph) as sess:
             sess.run(v1.global_variables_initializer())
             sess.run(ops, feed_dict={ph: val for ph, (_, val) in zip(phs, assigns)})
-            return saver.save(sess, path_prefix, global_step=int(step), write_meta_graph=False)
+            path = saver.save(sess, path_prefix, global_step=int(step), write_meta_graph=False)
+            for later in also_steps:
+                sess.run(ops[-1], feed_dict={phs[-1]: np.int64(later)})  # global_step
+                path = saver.save(sess, path_prefix, global_step=int(later), write_meta_graph=False)
+            return path
 
 
 # --------------------------------------------------------------------------- #
