@@ -15,6 +15,7 @@ from models.configs import CKPT_EVERY, DatasetConfig
 from models.diffusion import alpha_bars, ddim_fn, ddpm_loss
 from models.unet import UNet
 from models.weights import META_FILE
+from utils import fileio
 from utils.errors import UserError
 from utils.train.loop import Stage, replica_specs
 
