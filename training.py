@@ -190,10 +190,33 @@ def stage_student(args: argparse.Namespace, cfg: DatasetConfig, strategy, folder
                   command=args.command)
 
 
+# Folder-valued flags, recorded by role: their values name folders of the machine that trained.
+SYMBOLIC_FLAGS = {"--datadir": "DATADIR", "--data_dir": "DATA_DIR", "--teacher": "TEACHER"}
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
 def recorded_command(argv: list[str], savedir: str) -> str:
-    """The command as typed, SAVEDIR left symbolic: weights.json says how its weights were made
-    without naming a folder of the machine that made them."""
-    return shlex.join(["python", "training.py"] + ["SAVEDIR" if a == savedir else a for a in argv])
+    """The command as typed with its folders symbolic (SAVEDIR, DATADIR, DATA_DIR, TEACHER):
+    weights.json says how its weights were made without naming a folder of the machine that made
+    them. A teacher inside this repository (the shipped one) keeps its repository-relative path."""
+    out, flag = ["python", "training.py"], None
+    for a in argv:
+        name, eq, value = a.partition("=")
+        if a.startswith("--") and eq and name in SYMBOLIC_FLAGS:
+            out.append(f"{name}={_portable(name, value)}")
+        elif flag:
+            out.append(_portable(flag, a))
+        else:
+            out.append("SAVEDIR" if a == savedir else a)
+        flag = a if a in SYMBOLIC_FLAGS else None
+    return shlex.join(out)
+
+
+def _portable(flag: str, value: str) -> str:
+    inside = os.path.relpath(os.path.realpath(value), REPO)
+    if flag == "--teacher" and "://" not in value and not inside.startswith(os.pardir):
+        return inside
+    return SYMBOLIC_FLAGS[flag]
 
 
 def main(argv: list[str] | None = None) -> int:

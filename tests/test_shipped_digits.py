@@ -54,7 +54,14 @@ def test_digits_distils_the_shipped_teacher_unless_asked_to_train_one(tmp_path):
     assert training.resolve_teacher(args, CFG) == trained
 
 
-def test_recorded_command_leaves_savedir_symbolic():
+def test_recorded_command_leaves_the_folders_of_the_training_machine_symbolic():
     import training
     cmd = training.recorded_command(["digits", "/abs/run dir", "--lr", "1e-4"], "/abs/run dir")
     assert cmd == "python training.py digits SAVEDIR --lr 1e-4"
+    shipped = os.path.join(PRETRAINED, "digits", "teacher")  # typed as an absolute path
+    cmd = training.recorded_command(["digits", "/r", "--datadir", "/d/p", "--teacher", shipped,
+                                     "--data_dir=/raw", "--n_examples", "64"], "/r")
+    assert cmd == ("python training.py digits SAVEDIR --datadir DATADIR --teacher "
+                   "models/pretrained/digits/teacher --data_dir=DATA_DIR --n_examples 64")
+    cmd = training.recorded_command(["digits", "/r", "--teacher", "/elsewhere/t"], "/r")
+    assert cmd == "python training.py digits SAVEDIR --teacher TEACHER"
