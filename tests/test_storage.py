@@ -21,7 +21,7 @@ from data.pairs import generate_pairs, make_teacher_fn, settings_for
 from data.shards import (PairSetError, batches, heldout_batches, open_pair_set, read_manifest)
 from models.configs import CONFIGS
 from models.weights import load_unet
-from tests.helpers import ROOT, make_tiny_teacher, run_main
+from tests.helpers import ROOT, run_main
 from utils import fileio
 
 TINY = CONFIGS["tiny"]
@@ -288,12 +288,12 @@ def tiny_teacher_fn(teacher):
 
 
 def worker_settings():
-    return settings_for(TINY, seed=11, n_examples=160, shard_size=16, n_test=16)
+    return settings_for(TINY, seed=11, n_examples=80, shard_size=16, n_test=16)
 
 
 @pytest.mark.slow
-def test_two_processes_write_one_local_set_without_a_lock(tmp_path):
-    teacher = make_tiny_teacher(str(tmp_path / "teacher"))
+def test_two_processes_write_one_local_set_without_a_lock(tiny_teacher, tmp_path):
+    teacher = tiny_teacher  # the session's (tests/conftest.py)
     one = str(tmp_path / "one")
     generate_pairs(one, worker_settings(), tiny_teacher_fn(teacher), 16, progress=False)
     folder = str(tmp_path / "two")
@@ -307,50 +307,50 @@ def test_two_processes_write_one_local_set_without_a_lock(tmp_path):
         assert p.returncode == 0, err[-3000:]
     names = os.listdir(folder)
     assert not [n for n in names if "lock" in n or n.startswith(".tmp")], names
-    assert npy_files(folder) == npy_files(one)  # byte for byte: 11 shards, X and Y
+    assert npy_files(folder) == npy_files(one)  # byte for byte: 6 shards, X and Y
     assert read_manifest(folder)["files"] == read_manifest(one)["files"]
     with open(os.path.join(folder, "manifest.json")) as f:
-        assert len(json.load(f)["files"]) == 22  # assembled by whichever worker finished last
-    np.testing.assert_array_equal(np.load(os.path.join(folder, "x_train_9.npy"))[2],
-                                  reference_noise(11, 0, 9 * 16 + 2))
+        assert len(json.load(f)["files"]) == 12  # assembled by whichever worker finished last
+    np.testing.assert_array_equal(np.load(os.path.join(folder, "x_train_4.npy"))[2],
+                                  reference_noise(11, 0, 4 * 16 + 2))
 
 
 @pytest.mark.slow
-def test_tiny_run_with_pairs_and_savedir_on_ram(tmp_path, capsys):
+def test_tiny_run_with_pairs_and_savedir_on_ram(tiny_teacher, tmp_path, capsys):
     """Pairs and student, every file on ram:// (one process), resumed there; the pairs equal a
-    local generation, the exported weights load back."""
-    teacher = make_tiny_teacher(str(tmp_path / "teacher"))
+    local generation, the exported weights load back. 2 steps an epoch, a checkpoint each step."""
+    teacher = tiny_teacher  # the session's (tests/conftest.py)
     data, run = f"ram://{tmp_path.name}/pairs", f"ram://{tmp_path.name}/run"
-    args = ["tiny", run, "--teacher", teacher, "--datadir", data, "--n_examples", "64",
-            "--shard_size", "32", "--n_test", "32", "--gen_batch_size", "16", "--seed", "4",
-            "--batch_size", "16", "--ckpt_every", "2", "--n_eval", "16", "--no-xla",
+    args = ["tiny", run, "--teacher", teacher, "--datadir", data, "--n_examples", "32",
+            "--shard_size", "16", "--n_test", "16", "--gen_batch_size", "16", "--seed", "4",
+            "--batch_size", "16", "--ckpt_every", "1", "--n_eval", "16", "--no-xla",
             "--no_progress"]
     code, out, err = run_main("training", args + ["--epochs", "1"], capsys)
     assert code == 0, err
     assert f"pairs: complete in {data}" in out
     ref = str(tmp_path / "ref")
-    generate_pairs(ref, settings_for(TINY, seed=4, n_examples=64, shard_size=32, n_test=32),
+    generate_pairs(ref, settings_for(TINY, seed=4, n_examples=32, shard_size=16, n_test=16),
                    tiny_teacher_fn(teacher), 16, progress=False)
     assert npy_files(data) == npy_files(ref)
     assert fileio.exists(f"{data}/preview.png") and fileio.exists(f"{data}/manifest.json")
     files = set(fileio.listdir(run))
     assert {"checkpoints", "logs", "samples", "config.json", "best", "last"} <= files, files
-    assert tf.train.latest_checkpoint(f"{run}/checkpoints").endswith("ckpt-4")
+    assert tf.train.latest_checkpoint(f"{run}/checkpoints").endswith("ckpt-2")
     logs = fileio.listdir(f"{run}/logs")
     assert any(n.startswith("events.out.tfevents") for n in logs)
     steps = [json.loads(line)["step"] for line in
              fileio.read_bytes(f"{run}/logs/scalars.jsonl").decode().splitlines()]
-    assert steps == [0, 2, 2, 4, 4]  # held-out at 0; train + held-out rows at 2 and 4
+    assert steps == [0, 1, 1, 2, 2]  # held-out at 0; train + held-out rows at 1 and 2
     assert json.loads(fileio.read_bytes(f"{run}/config.json"))["datadir"] == data
-    assert sorted(fileio.listdir(f"{run}/samples")) == [f"step_{k:07d}.png" for k in (0, 2, 4)]
+    assert sorted(fileio.listdir(f"{run}/samples")) == [f"step_{k:07d}.png" for k in (0, 1, 2)]
     model, w = load_unet(f"{run}/best", TINY)
-    assert w.dataset == "tiny" and w.ema and w.step in (0, 2, 4)
-    assert load_unet(f"{run}/last", TINY)[1].step == 4
+    assert w.dataset == "tiny" and w.ema and w.step in (0, 1, 2)
+    assert load_unet(f"{run}/last", TINY)[1].step == 2
     code, out, err = run_main("training", args + ["--epochs", "2"], capsys)  # resumes on ram://
     assert code == 0, err
     assert "resumed" in out
-    assert tf.train.latest_checkpoint(f"{run}/checkpoints").endswith("ckpt-8")
-    assert load_unet(f"{run}/last", TINY)[1].step == 8
+    assert tf.train.latest_checkpoint(f"{run}/checkpoints").endswith("ckpt-4")
+    assert load_unet(f"{run}/last", TINY)[1].step == 4
     fileio.rmtree(f"ram://{tmp_path.name}")
 
 

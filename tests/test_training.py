@@ -17,7 +17,7 @@ from models.diffusion import student_loss
 from models.unet import UNet, official_variables
 from models.weights import load_unet, read_converted
 from tests.conftest import PAIRS
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_cli, run_main
 from tests.reference.official import numpy_forward, official_variable_shapes, random_params
 from utils.train.loop import Trainer
 
@@ -81,13 +81,14 @@ def test_learning_rate_schedule_is_warmup_then_constant_or_cosine(decay_steps):
 
 
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    # two micro-batches of 4: the accumulated update is the sum of two gradients
     loss1, w1, e1 = one_update(8, 1, tmp_path / "a")
-    loss4, w4, e4 = one_update(8, 4, tmp_path / "b")
-    assert loss4 == pytest.approx(loss1, rel=1e-5)
+    loss2, w2, e2 = one_update(8, 2, tmp_path / "b")
+    assert loss2 == pytest.approx(loss1, rel=1e-5)
     moved = 0
     for k in w1:
-        np.testing.assert_allclose(w4[k], w1[k], atol=2e-6, err_msg=k)
-        np.testing.assert_allclose(e4[k], 0.5 * PARAMS[k] + 0.5 * w1[k], atol=2e-6, err_msg=k)
+        np.testing.assert_allclose(w2[k], w1[k], atol=2e-6, err_msg=k)
+        np.testing.assert_allclose(e2[k], 0.5 * PARAMS[k] + 0.5 * w1[k], atol=2e-6, err_msg=k)
         moved += not np.allclose(w1[k], PARAMS[k])
     assert moved > len(w1) // 2  # the update really changed the weights
 
@@ -103,12 +104,28 @@ def weights_of(folder):
     return read_converted(str(folder)).params
 
 
+REFERENCE = ["--epochs", "0.5"]  # 4 steps of 32; checkpoints at steps 0, 2 and 4
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_teacher, tiny_pairs):
+    """One replica, uninterrupted, built in this process (no process under test): what the
+    two-replica run and the killed-and-resumed run must both end with."""
+    from tests.conftest import run_training, shared
+
+    def build(folder):
+        run_training(train_args(tiny_teacher, tiny_pairs, folder / "run", *REFERENCE)[1:])
+    return shared(tmp_path_factory, "reference_run", build) / "run"
+
+
 @pytest.mark.slow
-def test_one_and_two_replicas_reach_the_same_weights(tiny_teacher, tiny_pairs, tmp_path):
-    for name, extra in (("one", []), ("two", ["--cpu_replicas", "2"])):
-        r = run_cli(*train_args(tiny_teacher, tiny_pairs, tmp_path / name, "--epochs", "0.5", *extra))
-        assert r.returncode == 0, r.stderr
-    a, b = weights_of(tmp_path / "one" / "last"), weights_of(tmp_path / "two" / "last")
+def test_one_and_two_replicas_reach_the_same_weights(tiny_teacher, tiny_pairs, reference_run,
+                                                     tmp_path):
+    # two logical CPU replicas need a fresh process (set before TensorFlow makes its devices)
+    r = run_cli(*train_args(tiny_teacher, tiny_pairs, tmp_path / "two", *REFERENCE,
+                            "--cpu_replicas", "2"))
+    assert r.returncode == 0, r.stderr
+    a, b = weights_of(reference_run / "last"), weights_of(tmp_path / "two" / "last")
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     print(f"1 vs 2 replicas after 4 steps: max weight difference {worst:.2e}")
     assert worst < 1e-4
@@ -140,27 +157,30 @@ def test_two_workers_complete_a_few_steps(tiny_teacher, tiny_pairs, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_ends_with_the_same_weights(tiny_teacher, tiny_pairs, tmp_path):
-    full = run_cli(*train_args(tiny_teacher, tiny_pairs, tmp_path / "full", "--epochs", "1"))
-    assert full.returncode == 0, full.stderr
-    args = train_args(tiny_teacher, tiny_pairs, tmp_path / "killed", "--epochs", "1")
+def test_sigkill_and_resume_ends_with_the_same_weights(tiny_teacher, tiny_pairs, reference_run,
+                                                       tmp_path, capsys):
+    args = train_args(tiny_teacher, tiny_pairs, tmp_path / "killed", *REFERENCE)
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": ROOT})
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpts.exists() and any(
-            f.startswith("ckpt-4.") for f in os.listdir(ckpts))):
+            f.startswith("ckpt-2.") for f in os.listdir(ckpts))):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = run_cli(*args)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed" in resumed.stdout
+    assert not any(f.startswith("ckpt-4.") for f in os.listdir(ckpts))  # killed mid-run
+    # resumed from what the killed process left on disk (in this process: the run, not the
+    # process, is under test now)
+    code, out, err = run_main("training", args[1:], capsys)
+    assert code == 0, err
+    assert "resumed" in out
     for part in ("last", "best"):
-        a, b = weights_of(tmp_path / "full" / part), weights_of(tmp_path / "killed" / part)
+        a, b = weights_of(reference_run / part), weights_of(tmp_path / "killed" / part)
         for k in a:
             np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=f"{part} {k}")
-    a_ck, b_ck = (tf.train.load_checkpoint(str(tmp_path / n / "checkpoints")) for n in ("full", "killed"))
+    a_ck, b_ck = (tf.train.load_checkpoint(str(d / "checkpoints"))
+                  for d in (reference_run, tmp_path / "killed"))
     for key in a_ck.get_variable_to_shape_map():
         if key.startswith("model/"):
             np.testing.assert_allclose(b_ck.get_tensor(key), a_ck.get_tensor(key), atol=1e-5)
