@@ -135,7 +135,7 @@ def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str
 
 def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_path: str) -> str:
     """Make sure the pair set is complete (generating what is missing); returns its folder."""
-    from data.pairs import generate_pairs, make_teacher_fn, settings_for
+    from data.pairs import generate_pairs, make_teacher_fn, settings_for, wait_until_complete
     from data.shards import open_pair_set, read_manifest
     from models.weights import load_unet
     from utils.images import make_grid, save_png, to_uint8
@@ -161,8 +161,11 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
     def preview(images):
         if not fileio.exists(preview_path):
             save_png(preview_path, make_grid(to_uint8(images[:64])))
+    worker = worker_info()
     generate_pairs(folder, settings, make_teacher_fn(teacher, cfg, strategy, args.xla), gen_batch,
-                   worker=worker_info(), progress=not args.no_progress, preview=preview)
+                   worker=worker, progress=not args.no_progress, preview=preview)
+    if worker[1] > 1:
+        wait_until_complete(folder)
     return folder
 
 

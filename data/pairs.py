@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from typing import Callable
 
 import numpy as np
@@ -19,7 +20,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from data.shards import (FORMAT_VERSION, PairSetError, Shard, assemble_manifest, check_file,
-                         example_noise, layout, npy_bytes, read_manifest, save_npy_atomic,
+                         example_noise, is_complete, layout, npy_bytes, read_manifest, save_npy_atomic,
                          shard_files, write_part)
 from models.configs import DatasetConfig
 from models.diffusion import ddim_fn
@@ -141,6 +142,20 @@ def generate_pairs(folder: str, s: PairSettings, teacher_fn: Callable[[np.ndarra
         write_part(folder, head, sh, records)  # the shard is done once this exists
     bar.close()
     return assemble_manifest(folder)
+
+
+def wait_until_complete(folder: str, poll_s: float = 5.0,
+                        log: Callable[[str], None] = print) -> dict:
+    """Block until every worker's shards are recorded (a worker that finished its own share
+    must not open the set for training while another still writes), then assemble manifest.json."""
+    manifest, said = assemble_manifest(folder), False
+    while manifest is None or not is_complete(manifest):
+        if not said:
+            log(f"pairs: this worker's shards are done; waiting for the other workers' in {folder}")
+            said = True
+        time.sleep(poll_s)
+        manifest = assemble_manifest(folder)
+    return manifest
 
 
 def _generate_shard(sh: Shard, s: PairSettings, teacher_fn, gen_batch: int, bar, preview):

@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from data.pairs import generate_pairs, make_teacher_fn, settings_for
+from data.pairs import generate_pairs, make_teacher_fn, settings_for, wait_until_complete
 from data.shards import (PairSetError, batches, heldout_batches, open_pair_set, read_manifest)
 from models.configs import CONFIGS
 from models.weights import load_unet
@@ -80,8 +81,15 @@ def test_set_assembled_from_worker_parts_equals_the_one_worker_set(tmp_path, whe
     assert "manifest.json" not in names and "manifest.test.json" in names
     with pytest.raises(PairSetError, match="is incomplete: .* not recorded as complete"):
         open_pair_set(parts, SHAPE)
+    # a worker done with its share waits (training.py) until the others' shards are recorded
+    waiter = threading.Thread(target=wait_until_complete, args=(parts, 0.05, lambda _: None))
+    waiter.start()
     generate_pairs(parts, s, numpy_teacher, 10, worker=(2, 3), progress=False)
+    waiter.join(0.5)
+    assert waiter.is_alive()  # two of three workers done: still waiting
     generate_pairs(parts, s, numpy_teacher, 10, worker=(1, 3), progress=False)
+    waiter.join(10)
+    assert not waiter.is_alive()
     names = fileio.listdir(parts)
     assert not [n for n in names if "lock" in n or n.startswith(".tmp")], names
     assert sorted(n for n in names if n.startswith("manifest.")) == sorted(
