@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import tempfile
@@ -128,7 +127,7 @@ def part_name(shard_name: str) -> str:
 
 def _read_json(path: str) -> dict:
     try:
-        return json.loads(fileio.read_bytes(path))
+        return fileio.read_json(path)
     except (OSError, ValueError) as e:
         raise PairSetError(f"{path}: unreadable manifest ({e})") from None
 

@@ -340,7 +340,7 @@ def save_converted(model: UNet, out_dir: str, meta: dict, replace: bool = False)
 
 def read_converted(out_dir: str) -> Weights:
     try:
-        meta = json.loads(fileio.read_bytes(os.path.join(out_dir, META_FILE)))
+        meta = fileio.read_json(os.path.join(out_dir, META_FILE))
         # the reader by prefix: load_checkpoint asks isdir() first, which ram:// answers yes
         # for any prefix of a file name
         reader = tf.compat.v1.train.NewCheckpointReader(os.path.join(out_dir, CKPT_PREFIX))

@@ -195,6 +195,10 @@ def atomic_dir(path: str, replace: bool = False) -> Iterator[str]:
         raise
 
 
+def read_json(path: str) -> dict:
+    return json.loads(read_bytes(path))
+
+
 def write_json(path: str, obj: dict) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)

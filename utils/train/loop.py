@@ -321,7 +321,7 @@ def save_run_config(savedir: str, config: dict, must_match: tuple[str, ...]) -> 
     """Write the resolved settings; a resumed run must agree on those in `must_match`."""
     path = os.path.join(savedir, "config.json")
     if fileio.exists(path):
-        old = json.loads(fileio.read_bytes(path))
+        old = fileio.read_json(path)
         diff = [k for k in must_match if old.get(k) != config.get(k)]
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} before, {config.get(k)!r} now" for k in diff)
