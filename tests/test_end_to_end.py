@@ -6,7 +6,6 @@
 2. Stage 0, `--teacher_dataset digits`: a DDPM teacher trained on the real digits, exported with
    its provenance, and its pairs (in this process, plain graph)."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -26,8 +25,8 @@ def fd_of(out: str) -> float:
 def test_digits_distillation_end_to_end(tmp_path, capsys):
     run, pairs = tmp_path / "run", tmp_path / "pairs"
     argv = ["digits", str(run), "--datadir", str(pairs), "--n_examples", "512", "--shard_size",
-            "256", "--n_test", "64", "--batch_size", "32", "--epochs", "20", "--lr", "1e-3",
-            "--warmup_steps", "10", "--lr_decay", "cosine", "--ckpt_every", "160", "--no_progress"]
+            "256", "--n_test", "64", "--batch_size", "32", "--epochs", "10", "--lr", "3e-3",
+            "--warmup_steps", "10", "--lr_decay", "cosine", "--ckpt_every", "80", "--no_progress"]
     r = run_cli("training.py", *argv)
     assert r.returncode == 0, r.stderr[-3000:]
     # stage 1: a complete pair set of the requested size, from the shipped teacher
@@ -38,7 +37,7 @@ def test_digits_distillation_end_to_end(tmp_path, capsys):
     # stage 2: checkpoints, best export, held-out loss far below its initial value
     log = [json.loads(x) for x in open(run / "logs" / "scalars.jsonl")]
     held = [e["heldout_loss"] for e in log if "heldout_loss" in e]
-    assert log[-1]["step"] == 320 and min(held) < 0.5 * held[0]
+    assert log[-1]["step"] == 160 and min(held) < 0.5 * held[0]
     rates = [e["learning_rate"] for e in log if "learning_rate" in e]
     assert rates[-1] < 1e-4 * max(rates)  # --lr_decay cosine reaches zero at the last step
     meta = json.load(open(run / "best" / "weights.json"))
@@ -47,17 +46,18 @@ def test_digits_distillation_end_to_end(tmp_path, capsys):
     for folder in ("best", "last"):
         text = open(run / folder / "weights.json").read()
         assert str(tmp_path) not in text
-    # evaluation of what was trained (in this process: the training.py process was the CLI check)
+    # evaluation of what was trained (in this process: the training.py process was the CLI check;
+    # plain graph: the training run was the XLA check)
     code, _, err = run_main("eval", ["figures", tmp_path / "fig", "digits", "--n_images", "49",
-                                     "--model_dir", run], capsys)
+                                     "--model_dir", run, "--no-xla"], capsys)
     assert code == 0, err
     # 7x7 tiles of 8x8 with 1-pixel gutters, saved at digits' zoom of 4
     grid = np.asarray(Image.open(tmp_path / "fig" / "digits_figure_0.png"))
     assert grid.shape == (4 * (7 * 9 - 1),) * 2
     code, out, err = run_main("eval", ["fid", "digits", "--n_images", str(N_FID), "--batch_size",
-                                       "100", "--model_dir", run], capsys)
+                                       "100", "--model_dir", run, "--no-xla"], capsys)
     assert code == 0, err
-    # 320 steps from the shipped teacher (FD about 29 when measured): far better than uniform noise
+    # 160 steps from the shipped teacher (FD about 60 when measured): far better than uniform noise
     noise = np.random.default_rng(0).integers(0, 256, (N_FID, 8, 8, 1), dtype=np.uint8)
     assert fd_of(out) < 0.5 * dc.digits_fd(noise)
     # running the same command again finds everything complete and changes nothing
@@ -71,16 +71,16 @@ def test_digits_distillation_end_to_end(tmp_path, capsys):
 def test_digits_teacher_stage_end_to_end(tmp_path, capsys):
     run, pairs = tmp_path / "run", tmp_path / "pairs"
     argv = ["digits", str(run), "--datadir", str(pairs), "--teacher_dataset", "digits",
-            "--teacher_steps", "100", "--ckpt_every", "50", "--n_examples", "64",
+            "--teacher_steps", "50", "--ckpt_every", "25", "--n_examples", "64",
             "--shard_size", "64", "--n_test", "64", "--generate_only", "--no-xla", "--no_progress"]
     code, _, err = run_main("training", argv, capsys)
     assert code == 0, err[-3000:]
-    # a teacher trained and exported, with its loss logged at checkpoints (steps 50, 100)
+    # a teacher trained and exported, with its loss logged at checkpoints (steps 25, 50)
     teacher_log = [json.loads(x) for x in open(run / "teacher_run" / "logs" / "scalars.jsonl")]
     losses = [e["train_loss"] for e in teacher_log if "train_loss" in e]
-    assert [e["step"] for e in teacher_log] == [50, 100] and losses[-1] < losses[0]
+    assert [e["step"] for e in teacher_log] == [25, 50] and losses[-1] < losses[0]
     meta = json.load(open(run / "teacher" / "weights.json"))
-    assert meta["dataset"] == "digits" and meta["step"] == 100
+    assert meta["dataset"] == "digits" and meta["step"] == 50
     assert meta["command"].startswith("python training.py digits SAVEDIR --datadir DATADIR ")
     assert str(tmp_path) not in open(run / "teacher" / "weights.json").read()
     # its pairs: a complete set of the requested size

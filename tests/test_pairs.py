@@ -233,7 +233,10 @@ def test_reader_order_is_seeded_shuffled_across_shards_and_splits_by_worker(tmp_
 
 
 @pytest.mark.slow
-def test_two_workers_write_disjoint_shards_of_the_same_set(reference_set, teacher, tmp_path):
+def test_two_workers_write_one_set_at_once_then_train(reference_set, teacher, tmp_path):
+    """Two TF_CONFIG workers, started together on one local folder: each generates its half of
+    the shards (no lock, no leftovers), the set equals the one-process set byte for byte, and then
+    both train the student on it together (MultiWorkerMirroredStrategy, 2 steps)."""
     import json
     import socket
 
@@ -242,19 +245,25 @@ def test_two_workers_write_disjoint_shards_of_the_same_set(reference_set, teache
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     ports = [free_port(), free_port()]
-    folder = str(tmp_path / "mw")
+    folder, run = str(tmp_path / "mw"), str(tmp_path / "run")
+    args = ["training.py", "tiny", run, "--teacher", teacher, "--datadir", folder, *PAIRS,
+            "--batch_size", "32", "--ckpt_every", "2", "--n_eval", "32", "--epochs", "0.25"]
     procs = []
     for i in range(2):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                      "task": {"type": "worker", "index": i}}
         procs.append(subprocess.Popen(
-            [sys.executable, *generate_args(teacher, folder)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env={**os.environ, "PYTHONPATH": ROOT, "TF_CONFIG": json.dumps(tf_config)}))
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    assert files_of(folder).keys() == files_of(reference_set).keys()
-    for name, data in files_of(folder).items():
-        if name.startswith("x_"):
-            assert data == files_of(reference_set)[name], name
-    assert len(read_manifest(folder)["files"]) == N_FILES
+    names = os.listdir(folder)
+    assert not [n for n in names if "lock" in n or n.startswith(".tmp")], names
+    assert files_of(folder) == files_of(reference_set)  # X and Y of every shard, byte for byte
+    assert read_manifest(folder)["files"] == read_manifest(reference_set)["files"]
+    with open(os.path.join(folder, "manifest.json")) as f:
+        assert len(json.load(f)["files"]) == N_FILES  # assembled by whichever worker ended last
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "logs", "scalars.jsonl"))]
+    assert max(steps) == 2
+    assert os.path.exists(os.path.join(run, "best", "weights.json"))

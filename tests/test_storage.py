@@ -2,16 +2,15 @@
 
 `ram://` (TensorFlow's in-process filesystem) stands in for an object store such as gs://: no
 memory-mapping, no rename that the code relies on, no file lock. It lives in one process, so the
-multi-process test uses a local folder. References are independent of the code under test: X by
-its definition (stateless normal noise), Y from a NumPy "teacher", the set written by one worker in
-one process, files written by hand in the official .npy format.
+multi-process test (two workers writing one local set at once) is in tests/test_pairs.py.
+References are independent of the code under test: X by its definition (stateless normal noise),
+Y from a NumPy "teacher", the set written by one worker in one process, files written by hand in
+the official .npy format.
 """
 import dataclasses
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -22,7 +21,7 @@ from data.pairs import generate_pairs, make_teacher_fn, settings_for, wait_until
 from data.shards import (PairSetError, batches, heldout_batches, open_pair_set, read_manifest)
 from models.configs import CONFIGS
 from models.weights import load_unet
-from tests.helpers import ROOT, run_main
+from tests.helpers import run_main
 from utils import fileio
 
 TINY = CONFIGS["tiny"]
@@ -279,48 +278,9 @@ def test_parts_of_another_set_in_the_folder_are_refused(tmp_path):
         read_manifest(folder)
 
 
-WORKER = """
-import sys
-sys.path.insert(0, {root!r})
-from tests.test_storage import tiny_teacher_fn, worker_settings
-from data.pairs import generate_pairs
-i, n = int(sys.argv[1]), int(sys.argv[2])
-generate_pairs({folder!r}, worker_settings(), tiny_teacher_fn({teacher!r}), 16, worker=(i, n),
-               progress=False)
-"""
-
-
 def tiny_teacher_fn(teacher):
     model, _ = load_unet(teacher, TINY)
     return make_teacher_fn(model, TINY, tf.distribute.OneDeviceStrategy("/cpu:0"), xla=False)
-
-
-def worker_settings():
-    return settings_for(TINY, seed=11, n_examples=80, shard_size=16, n_test=16)
-
-
-@pytest.mark.slow
-def test_two_processes_write_one_local_set_without_a_lock(tiny_teacher, tmp_path):
-    teacher = tiny_teacher  # the session's (tests/conftest.py)
-    one = str(tmp_path / "one")
-    generate_pairs(one, worker_settings(), tiny_teacher_fn(teacher), 16, progress=False)
-    folder = str(tmp_path / "two")
-    script = WORKER.format(root=ROOT, folder=folder, teacher=teacher)
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), "2"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": ROOT})
-             for i in range(2)]  # at the same time, into the same folder
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    names = os.listdir(folder)
-    assert not [n for n in names if "lock" in n or n.startswith(".tmp")], names
-    assert npy_files(folder) == npy_files(one)  # byte for byte: 6 shards, X and Y
-    assert read_manifest(folder)["files"] == read_manifest(one)["files"]
-    with open(os.path.join(folder, "manifest.json")) as f:
-        assert len(json.load(f)["files"]) == 12  # assembled by whichever worker finished last
-    np.testing.assert_array_equal(np.load(os.path.join(folder, "x_train_4.npy"))[2],
-                                  reference_noise(11, 0, 4 * 16 + 2))
 
 
 @pytest.mark.slow
