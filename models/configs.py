@@ -222,11 +222,12 @@ CONFIGS: dict[str, DatasetConfig] = {
         real_images=SKLEARN_DIGITS,
         fid_features="digit_classifier",
     ),
-    # A tiny configuration for CPU tests: same architecture family, two levels, attention on.
+    # A tiny configuration for CPU tests: same architecture family, two levels, attention on;
+    # 16 channels in 8 GroupNorm groups keep its convolutions 4x cheaper than 32 channels would.
     "tiny": DatasetConfig(
         name="tiny",
-        network=NetworkConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                              attn_resolutions=(8,), dropout=0.0),
+        network=NetworkConfig(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                              attn_resolutions=(8,), dropout=0.0, gn_groups=8),
         sampler=SamplerConfig(steps=10, skip_type="quadratic"),
         pairs=PairConfig(n_examples=256, shard_size=64, n_test=64),
         train=TrainConfig(batch_size=32, loss="l1", epochs=2,

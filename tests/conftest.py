@@ -29,6 +29,22 @@ STUDENT = ["--batch_size", "32", "--n_eval", "32", "--no_generate", "--epochs", 
            "--warmup_steps", "5", "--ema_decay", "0.5", "--ckpt_every", "1000"]
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: xdist hands tests out in this order, so the long ones start early on every
+    worker and the short ones even out the end. Under `--dist loadgroup`, pytest-xdist marks each
+    grouped test's node id with "@group"; with pytest 9.2 it silently does not
+    (pytest-dev/pytest-xdist#1386), and a group's costly module fixtures are then built on every
+    worker: refuse to run like that."""
+    items.sort(key=lambda i: i.get_closest_marker("slow") is None)
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"xdist_group has no effect with pytest {pytest.__version__} "
+                                f"(e.g. {lost[0]}): install requirements-dev.txt")
+
+
 def shared(tmp_path_factory, name, build):
     """A folder built once for the whole run by `build(folder)`: under pytest-xdist the first
     worker to ask builds it (under a file lock) and the others wait for it and reuse it."""
