@@ -1,8 +1,9 @@
 """The whole method through the real CLIs on a small budget.
 
-1. The paper's workflow, `training.py digits RUN` in its own process (with XLA, the default):
-   pairs from the shipped teacher (stage 1), then the student (stage 2); eval.py figures and fid on
-   the result, and the same command again (in this process).
+1. The paper's workflow, `training.py digits RUN` (with XLA, the default): pairs from the shipped
+   teacher (stage 1), then the student (stage 2); eval.py figures and fid on the result, and the
+   same command again. In this process: tests/test_bad_input.py checks each CLI's exit code and
+   stderr in a process of its own.
 2. Stage 0, `--teacher_dataset digits`: a DDPM teacher trained on the real digits, exported with
    its provenance, and its pairs (in this process, plain graph)."""
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import run_cli, run_main
+from tests.helpers import run_main
 from utils.evaluate import digit_classifier as dc
 
 N_FID = 200
@@ -27,8 +28,8 @@ def test_digits_distillation_end_to_end(tmp_path, capsys):
     argv = ["digits", str(run), "--datadir", str(pairs), "--n_examples", "512", "--shard_size",
             "256", "--n_test", "64", "--batch_size", "32", "--epochs", "10", "--lr", "3e-3",
             "--warmup_steps", "10", "--lr_decay", "cosine", "--ckpt_every", "80", "--no_progress"]
-    r = run_cli("training.py", *argv)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, _, err = run_main("training", argv, capsys)
+    assert code == 0, err[-3000:]
     # stage 1: a complete pair set of the requested size, from the shipped teacher
     manifest = json.load(open(pairs / "manifest.json"))
     assert manifest["n_examples"] == 512 and len(manifest["files"]) == 2 * (2 + 1)
@@ -46,8 +47,7 @@ def test_digits_distillation_end_to_end(tmp_path, capsys):
     for folder in ("best", "last"):
         text = open(run / folder / "weights.json").read()
         assert str(tmp_path) not in text
-    # evaluation of what was trained (in this process: the training.py process was the CLI check;
-    # plain graph: the training run was the XLA check)
+    # evaluation of what was trained (plain graph: the training run was the XLA check)
     code, _, err = run_main("eval", ["figures", tmp_path / "fig", "digits", "--n_images", "49",
                                      "--model_dir", run, "--no-xla"], capsys)
     assert code == 0, err
@@ -71,8 +71,8 @@ def test_digits_distillation_end_to_end(tmp_path, capsys):
 def test_digits_teacher_stage_end_to_end(tmp_path, capsys):
     run, pairs = tmp_path / "run", tmp_path / "pairs"
     argv = ["digits", str(run), "--datadir", str(pairs), "--teacher_dataset", "digits",
-            "--teacher_steps", "50", "--ckpt_every", "25", "--n_examples", "64",
-            "--shard_size", "64", "--n_test", "64", "--generate_only", "--no-xla", "--no_progress"]
+            "--teacher_steps", "50", "--ckpt_every", "25", "--n_examples", "16",
+            "--shard_size", "16", "--n_test", "16", "--generate_only", "--no-xla", "--no_progress"]
     code, _, err = run_main("training", argv, capsys)
     assert code == 0, err[-3000:]
     # a teacher trained and exported, with its loss logged at checkpoints (steps 25, 50)
@@ -85,4 +85,4 @@ def test_digits_teacher_stage_end_to_end(tmp_path, capsys):
     assert str(tmp_path) not in open(run / "teacher" / "weights.json").read()
     # its pairs: a complete set of the requested size
     manifest = json.load(open(pairs / "manifest.json"))
-    assert manifest["n_examples"] == 64 and len(manifest["files"]) == 2 * (1 + 1)
+    assert manifest["n_examples"] == 16 and len(manifest["files"]) == 2 * (1 + 1)
