@@ -29,14 +29,22 @@ STUDENT = ["--batch_size", "32", "--n_eval", "32", "--no_generate", "--epochs", 
            "--warmup_steps", "5", "--ema_decay", "0.5", "--ckpt_every", "1000"]
 
 
+# Modules in the order of their slow tests' length (measured): the end-to-end runs, then the
+# multi-process ones.
+LONGEST_FIRST = ["test_end_to_end.py", "test_training.py", "test_pairs.py", "test_storage.py",
+                 "test_export.py", "test_eval.py"]
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first: xdist hands tests out in this order, so the long ones start early on every
-    worker and the short ones even out the end. Under `--dist loadgroup`, pytest-xdist marks each
+    """Slow tests first, longest first: xdist hands tests out in this order, so the long ones start
+    early on every worker and the short ones even out the end. Under `--dist loadgroup`, pytest-xdist marks each
     grouped test's node id with "@group"; with pytest 9.2 it silently does not
     (pytest-dev/pytest-xdist#1386), and a group's costly module fixtures are then built on every
     worker: refuse to run like that."""
-    items.sort(key=lambda i: i.get_closest_marker("slow") is None)
+    items.sort(key=lambda i: (i.get_closest_marker("slow") is None,
+                              LONGEST_FIRST.index(i.path.name) if i.path.name in LONGEST_FIRST
+                              else len(LONGEST_FIRST)))
     if not getattr(config.option, "loadgroup", False):
         return
     lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]

@@ -25,9 +25,11 @@ def fd_of(out: str) -> float:
 @pytest.mark.slow
 def test_digits_distillation_end_to_end(tmp_path, capsys):
     run, pairs = tmp_path / "run", tmp_path / "pairs"
+    # one teacher batch shape (64) for every shard: one XLA compilation of the DDIM loop
     argv = ["digits", str(run), "--datadir", str(pairs), "--n_examples", "512", "--shard_size",
-            "256", "--n_test", "64", "--batch_size", "32", "--epochs", "10", "--lr", "3e-3",
-            "--warmup_steps", "10", "--lr_decay", "cosine", "--ckpt_every", "80", "--no_progress"]
+            "256", "--n_test", "64", "--gen_batch_size", "64", "--batch_size", "32", "--epochs",
+            "10", "--lr", "3e-3", "--warmup_steps", "10", "--lr_decay", "cosine", "--ckpt_every",
+            "80", "--no_progress"]
     code, _, err = run_main("training", argv, capsys)
     assert code == 0, err[-3000:]
     # stage 1: a complete pair set of the requested size, from the shipped teacher
