@@ -38,10 +38,10 @@ LONGEST_FIRST = ["test_end_to_end.py", "test_training.py", "test_pairs.py", "tes
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """Slow tests first, longest first: xdist hands tests out in this order, so the long ones start
-    early on every worker and the short ones even out the end. Under `--dist loadgroup`, pytest-xdist marks each
-    grouped test's node id with "@group"; with pytest 9.2 it silently does not
-    (pytest-dev/pytest-xdist#1386), and a group's costly module fixtures are then built on every
-    worker: refuse to run like that."""
+    early on every worker and the short ones even out the end. Under `--dist loadgroup`,
+    pytest-xdist marks each grouped test's node id with "@group"; with pytest 9.2 it silently does
+    not (pytest-dev/pytest-xdist#1386), and a group's costly module fixtures are then built on
+    every worker: refuse to run like that."""
     items.sort(key=lambda i: (i.get_closest_marker("slow") is None,
                               LONGEST_FIRST.index(i.path.name) if i.path.name in LONGEST_FIRST
                               else len(LONGEST_FIRST)))
