@@ -226,8 +226,8 @@ CONFIGS: dict[str, DatasetConfig] = {
     # 16 channels in 8 GroupNorm groups keep its convolutions 4x cheaper than 32 channels would.
     "tiny": DatasetConfig(
         name="tiny",
-        network=NetworkConfig(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                              attn_resolutions=(8,), dropout=0.0, gn_groups=8),
+        network=NetworkConfig(resolution=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                              attn_resolutions=(4,), dropout=0.0, gn_groups=8),
         sampler=SamplerConfig(steps=10, skip_type="quadratic"),
         pairs=PairConfig(n_examples=256, shard_size=64, n_test=64),
         train=TrainConfig(batch_size=32, loss="l1", epochs=2,

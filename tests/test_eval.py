@@ -37,7 +37,7 @@ def reference_samples(run_dir, seed, n, indices=None):
     x0 = z - f(z, 999), mapped to uint8 with rounding. `indices`: only those of the n (a dict)."""
     model, _ = load_unet(os.path.join(run_dir, "best"), TINY)  # a run's best/ export
     keys = list(range(n) if indices is None else sorted(set(indices)))
-    z = np.stack([tf.random.stateless_normal((16, 16, 3), seed=tf.constant([seed, 2 * 2 ** 40 + i], tf.int64))
+    z = np.stack([tf.random.stateless_normal(TINY.network.image_shape, seed=tf.constant([seed, 2 * 2 ** 40 + i], tf.int64))
                   .numpy().astype(np.float16).astype(np.float32) for i in keys])
     x0 = tf.function(lambda v: student_sample(model, v))(z).numpy()
     images = np.floor((np.clip(x0, -1, 1) + 1) * 127.5 + 0.5).astype(np.uint8)
@@ -55,13 +55,15 @@ def test_grid_tiles_are_the_seeded_samples_and_never_overwritten(student, tmp_pa
                            "--seed", "3")
     assert code == 0, err
     grid = png(tmp_path / "tiny_figure_0.png")
-    assert grid.shape == (3 * 17 - 1, 4 * 17 - 1, 3)  # ceil(sqrt(10)) = 4 per row, 1-pixel gutter
+    res = TINY.network.resolution
+    cell = res + 1  # a tile and its 1-pixel gutter
+    assert grid.shape == (3 * cell - 1, 4 * cell - 1, 3)  # ceil(sqrt(10)) = 4 per row
     ref = reference_samples(student, seed=3, n=10)
     for i in range(10):
         r_, c_ = divmod(i, 4)
-        tile = grid[r_ * 17:r_ * 17 + 16, c_ * 17:c_ * 17 + 16]
+        tile = grid[r_ * cell:r_ * cell + res, c_ * cell:c_ * cell + res]
         assert np.abs(tile.astype(int) - ref[i]).max() <= 1, i
-    assert (grid[16, :] == 255).all() and (grid[2 * 17:, 2 * 17:] == 255).all()  # gutter, empty cells
+    assert (grid[res, :] == 255).all() and (grid[2 * cell:, 2 * cell:] == 255).all()  # gutter, empty cells
     code, _, err = figures(capsys, tmp_path, student, "--n_images", "10", "--batch_size", "7",
                            "--seed", "3")
     assert code == 0, err
@@ -135,7 +137,7 @@ def test_2500_image_figure_stays_within_one_batch_of_memory(student, tmp_path):
     r = run_cli("-c", code, str(tmp_path / "fig"), student)
     assert r.returncode == 0, r.stderr
     small, big = (int(line.split()[2]) for line in r.stdout.splitlines() if line.startswith("PEAK"))
-    grid_mb = (50 * 17) ** 2 * 3 / 2 ** 20
+    grid_mb = (50 * (TINY.network.resolution + 1)) ** 2 * 3 / 2 ** 20
     print(f"peak RSS: {small} MB after 100 images, {big} MB after 2,500 (grid {grid_mb:.1f} MB)")
     assert big - small < 2 * grid_mb + 40
 
@@ -162,7 +164,7 @@ def test_tofolder_remakes_pngs_that_do_not_verify(student, tmp_path, capsys):
     names[1].write_bytes(half[:len(half) // 2])  # a truncated copy
     names[2].write_bytes(b"")  # a disk that filled up
     names[3].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # PNG signature, broken chunks
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(names[4])  # a valid PNG of the wrong size
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(names[4])  # a valid PNG of the wrong size
     kept = {i: os.stat(names[i]).st_mtime_ns for i in (0, 5)}
     code, stdout, _ = run_main("eval", args, capsys)
     assert code == 0, stdout

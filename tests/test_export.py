@@ -142,17 +142,14 @@ def test_tflite_float32_matches_the_student(export_dir, z, reference):
     assert (np.abs(got.astype(int) - reference) <= 1).mean() >= 0.999
 
 
-def test_quantised_tflite_variants_load_and_shrink(export_dir, z, tmp_path):
+def test_fp16_tflite_loads_and_shrinks(export_dir, z, tmp_path):
     """Drift is reported by bench/export.py, not asserted; but the weights must really shrink
-    (a converter that silently keeps float32 would keep the size)."""
-    sizes = {"float32": os.path.getsize(export_dir / "denoise_float32.tflite")}
-    for variant in ("fp16", "int8"):
-        path = tmp_path / tflite_name(variant)
-        path.write_bytes(tflite_model(str(export_dir / "saved_model"), variant))
-        images = tflite_denoiser(str(path))(z[:5])
-        assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
-        sizes[variant] = os.path.getsize(path)
-    assert sizes["fp16"] < 0.6 * sizes["float32"] and sizes["int8"] < 0.4 * sizes["float32"]
+    (a converter that silently keeps float32 would keep the size). int8: the test at the end."""
+    path = tmp_path / tflite_name("fp16")
+    path.write_bytes(tflite_model(str(export_dir / "saved_model"), "fp16"))
+    images = tflite_denoiser(str(path))(z[:5])
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+    assert os.path.getsize(path) < 0.6 * os.path.getsize(export_dir / "denoise_float32.tflite")
 
 
 def test_readme_names_files_signatures_and_weights(export_dir):
@@ -213,7 +210,7 @@ def test_help_names_the_signatures_and_options(capsys):
 
 
 @pytest.mark.slow
-def test_no_xla_int8_export_matches_tofolder_no_xla(tmp_path, z, capsys):
+def test_no_xla_int8_export_matches_tofolder_no_xla(export_dir, tmp_path, z, capsys):
     code, _, err = run_main("eval", ["export", tmp_path / "export", "digits", "--no-xla",
                                      "--tflite", "int8"], capsys)
     assert code == 0, err
@@ -223,5 +220,8 @@ def test_no_xla_int8_export_matches_tofolder_no_xla(tmp_path, z, capsys):
     sample = tf.saved_model.load(str(tmp_path / "export" / "saved_model")).signatures["sample"]
     got = sample(seed=tf.constant(SEED, tf.int64), n=tf.constant(N))["images"].numpy()
     assert np.array_equal(got, eval_pngs(tmp_path, capsys, "--no-xla"))
-    images = tflite_denoiser(str(tmp_path / "export" / "denoise_int8.tflite"))(z[:3])
+    int8 = tmp_path / "export" / "denoise_int8.tflite"
+    images = tflite_denoiser(str(int8))(z[:3])
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+    # the weights really shrink (drift: bench/export.py)
+    assert os.path.getsize(int8) < 0.4 * os.path.getsize(export_dir / "denoise_float32.tflite")

@@ -21,7 +21,7 @@ from tests.conftest import PAIR_SEED, PAIRS
 from tests.helpers import ROOT, run_main
 
 TINY = CONFIGS["tiny"]
-SHAPE = (16, 16, 3)
+SHAPE = TINY.network.image_shape
 SEED = PAIR_SEED
 # The settings of the session pair set (tests/conftest.py): 256 pairs in 4 shards of 64, 64 held
 # out, seed 1, plain graph; regenerated here in other folders, they must give the same files.
@@ -194,8 +194,8 @@ def test_original_layout_without_manifest_is_read(tmp_path):
     seen = np.concatenate([y for _, y in batches(p, 10, epoch=0, seed=0)])
     everything = np.concatenate([np.load(tmp_path / f"y_train_{k}.npy") for k in range(3)])
     assert sorted(map(bytes, seen)) == sorted(map(bytes, everything))  # each pair once per epoch
-    np.save(tmp_path / "y_train_1.npy", np.zeros((20, 8, 8, 3), np.uint8))
-    with pytest.raises(PairSetError, match=r"y_train_1.npy: uint8\[20, 8, 8, 3\], expected uint8\[20, 16, 16, 3\]"):
+    np.save(tmp_path / "y_train_1.npy", np.zeros((20, 4, 4, 3), np.uint8))
+    with pytest.raises(PairSetError, match=r"y_train_1.npy: uint8\[20, 4, 4, 3\], expected uint8\[20, 8, 8, 3\]"):
         open_pair_set(str(tmp_path), SHAPE)
 
 

@@ -25,7 +25,7 @@ from tests.helpers import run_main
 from utils import fileio
 
 TINY = CONFIGS["tiny"]
-SHAPE = (16, 16, 3)
+SHAPE = TINY.network.image_shape
 
 
 def reference_noise(seed, stream, index):
@@ -146,7 +146,7 @@ def test_reader_holds_at_most_two_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(shards.PairSet, "load", load)
     import gc
     for _ in batches(pairs, 16, epoch=0, seed=2):
-        gc.collect()
+        gc.collect(0)
     assert peak[0] <= 2 and sorted(reads) == sorted(s.name for s in pairs.train)
     fileio.rmtree(folder)
 

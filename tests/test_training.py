@@ -50,8 +50,8 @@ def tiny_model():
 @pytest.mark.parametrize("kind", ["l1", "l2"])
 def test_loss_is_the_originals_formula(kind):
     rng = np.random.default_rng(0)
-    z = rng.standard_normal((4, 16, 16, 3)).astype(np.float32)
-    y = rng.uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+    z = rng.standard_normal((4, *NET.image_shape)).astype(np.float32)
+    y = rng.uniform(-1, 1, (4, *NET.image_shape)).astype(np.float32)
     eps = numpy_forward(PARAMS, z, np.full(4, 999), ch=NET.ch, ch_mult=NET.ch_mult,
                         num_res_blocks=NET.num_res_blocks, attn_resolutions=NET.attn_resolutions,
                         groups=NET.gn_groups)
@@ -190,13 +190,14 @@ def test_sigkill_and_resume_ends_with_the_same_weights(tiny_teacher, tiny_pairs,
 
 
 def test_heldout_loss_falls_steadily_below_its_initial_value(tiny_student):
-    # The session student (tests/conftest.py): 4 epochs of 8 steps, lr 2e-3, EMA decay 0.5. A
-    # random-weight teacher makes a hard, chaotic target for 256 pairs; the digits end-to-end test
-    # (a trained teacher) shows the large drop. Here: a clear, steady fall (about 7% when measured).
+    # The session student (tests/conftest.py): 3 epochs of 8 steps, lr 2e-3 cosine, EMA decay 0.5.
+    # A random-weight teacher makes a hard, chaotic target for 256 pairs; the digits end-to-end test
+    # (a trained teacher) shows the large drop. Here: a clear fall at every epoch (6% in all when
+    # measured).
     log = [json.loads(line) for line in open(os.path.join(tiny_student, "logs", "scalars.jsonl"))]
     held = [e["heldout_loss"] for e in log if "heldout_loss" in e]
     print(f"held-out L1 per image: {held[0]:.1f} at init -> {min(held):.1f} after {log[-1]['step']} steps")
-    assert log[-1]["step"] == 32 and len(held) == 5  # step 0, then each epoch end
-    assert min(held) < 0.95 * held[0] and held == sorted(held, reverse=True)
+    assert log[-1]["step"] == 24 and len(held) == 4  # step 0, then each epoch end
+    assert min(held) < 0.95 * held[0] and all(a > b for a, b in zip(held, held[1:]))
     model, w = load_unet(os.path.join(tiny_student, "best"), TINY)
     assert w.dataset == "tiny" and w.ema

@@ -27,7 +27,7 @@ RAW, EMA = random_params(SHAPES, seed=1), random_params(SHAPES, seed=2)
 
 
 def reference_output(params, gn_eps):
-    x = np.random.default_rng(5).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    x = np.random.default_rng(5).standard_normal((2, *NET.image_shape)).astype(np.float32)
     t = np.array([999, 37])
     ref = numpy_forward(params, x, t, ch=NET.ch, ch_mult=NET.ch_mult,
                         num_res_blocks=NET.num_res_blocks, attn_resolutions=NET.attn_resolutions,

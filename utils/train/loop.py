@@ -95,7 +95,8 @@ class Trainer:
         # XLA inside strategy.run fails with mirrored variables, and on CPUs with collectives:
         # compile where a single replica trains (TPUs compile anyway).
         self.xla = xla and strategy.num_replicas_in_sync == 1
-        self._replica_step = tf.function(self._replica_step_fn, jit_compile=self.xla)
+        # No tensor-dependent Python control flow in the step: autograph would only add tracing time.
+        self._replica_step = tf.function(self._replica_step_fn, jit_compile=self.xla, autograph=False)
 
     # -- state ------------------------------------------------------------------------------
     def init_from(self, source: UNet) -> None:
@@ -140,7 +141,7 @@ class Trainer:
         for e, w in zip(official_variables(self.ema).values(), official_variables(self.model).values()):
             e.assign(d * e + (1.0 - d) * w)
 
-    @tf.function
+    @tf.function(autograph=False)
     def _distributed_step(self, batch):
         losses = self.strategy.run(self._replica_step, args=batch)
         # Cross-replica context: the same value lands on every replica. Kept out of the XLA step:
