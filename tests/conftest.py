@@ -14,7 +14,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from utils.cli import quiet_tensorflow  # noqa: E402
 
-quiet_tensorflow()
+
+def pytest_configure(config):
+    """TensorFlow, imported quietly before any test module imports it; not in the pytest-xdist
+    controller, which runs no test (the import costs each process about 6 CPU-seconds)."""
+    if not (getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ):
+        quiet_tensorflow()
 
 # The session pair set: the tiny config's own sizes (256 training pairs in 4 shards of 64, 64
 # held out), teacher batches of 32, seed 1. Plain graph (--no-xla): XLA compile time would dominate

@@ -96,7 +96,7 @@ def test_released_h5_student_samples_like_its_conversion(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tofolder_killed_and_resumed_gives_exactly_n_pngs(student, tmp_path, capsys):
-    n = 400
+    n = 200
     args = ["eval.py", "tofolder", str(tmp_path / "imgs"), "tiny", "--n_images", str(n),
             "--batch_size", "8", "--model_dir", student, "--no-xla"]
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
