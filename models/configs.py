@@ -222,8 +222,8 @@ CONFIGS: dict[str, DatasetConfig] = {
         real_images=SKLEARN_DIGITS,
         fid_features="digit_classifier",
     ),
-    # A tiny configuration for CPU tests: same architecture family, two levels, attention on;
-    # 16 channels in 8 GroupNorm groups keep its convolutions 4x cheaper than 32 channels would.
+    # A tiny configuration for CPU tests: same architecture family, two levels (8x8, 4x4), attention
+    # on; 8x8 RGB and 16 channels in 8 GroupNorm groups keep each test run's convolutions cheap.
     "tiny": DatasetConfig(
         name="tiny",
         network=NetworkConfig(resolution=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
