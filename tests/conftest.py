@@ -18,7 +18,9 @@ from utils.cli import quiet_tensorflow  # noqa: E402
 def pytest_configure(config):
     """TensorFlow, imported quietly before any test module imports it; not in the pytest-xdist
     controller, which runs no test (the import costs each process about 6 CPU-seconds)."""
-    if not (getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    controller = getattr(config.option, "numprocesses", None) and worker is None
+    if not controller:
         quiet_tensorflow()
 
 # The session pair set: the tiny config's own sizes (256 training pairs in 4 shards of 64, 64
@@ -31,7 +33,8 @@ PAIR_SEED = 1
 # on 32 held-out pairs at each epoch end (a random-weight teacher is a hard target: a clear, steady
 # fall is all 24 steps give; the digits end-to-end test shows the large drop).
 STUDENT = ["--batch_size", "32", "--n_eval", "32", "--no_generate", "--epochs", "3", "--lr", "2e-3",
-           "--lr_decay", "cosine", "--warmup_steps", "5", "--ema_decay", "0.5", "--ckpt_every", "1000"]
+           "--lr_decay", "cosine", "--warmup_steps", "5", "--ema_decay", "0.5",
+           "--ckpt_every", "1000"]
 
 
 # Modules in the order of their slow tests' length (measured): the end-to-end runs, then the

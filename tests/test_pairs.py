@@ -195,7 +195,8 @@ def test_original_layout_without_manifest_is_read(tmp_path):
     everything = np.concatenate([np.load(tmp_path / f"y_train_{k}.npy") for k in range(3)])
     assert sorted(map(bytes, seen)) == sorted(map(bytes, everything))  # each pair once per epoch
     np.save(tmp_path / "y_train_1.npy", np.zeros((20, 4, 4, 3), np.uint8))
-    with pytest.raises(PairSetError, match=r"y_train_1.npy: uint8\[20, 4, 4, 3\], expected uint8\[20, 8, 8, 3\]"):
+    with pytest.raises(PairSetError,
+                       match=r"y_train_1.npy: uint8\[20, 4, 4, 3\], expected uint8\[20, 8, 8, 3\]"):
         open_pair_set(str(tmp_path), SHAPE)
 
 

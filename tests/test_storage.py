@@ -146,7 +146,7 @@ def test_reader_holds_at_most_two_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(shards.PairSet, "load", load)
     import gc
     for _ in batches(pairs, 16, epoch=0, seed=2):
-        gc.collect(0)
+        gc.collect(0)  # a batch's garbage is young; a full collection is slow in a busy worker
     assert peak[0] <= 2 and sorted(reads) == sorted(s.name for s in pairs.train)
     fileio.rmtree(folder)
 

@@ -95,8 +95,9 @@ class Trainer:
         # XLA inside strategy.run fails with mirrored variables, and on CPUs with collectives:
         # compile where a single replica trains (TPUs compile anyway).
         self.xla = xla and strategy.num_replicas_in_sync == 1
-        # No tensor-dependent Python control flow in the step: autograph would only add tracing time.
-        self._replica_step = tf.function(self._replica_step_fn, jit_compile=self.xla, autograph=False)
+        # No tensor-dependent Python control flow in the step: autograph would only add trace time.
+        self._replica_step = tf.function(self._replica_step_fn, jit_compile=self.xla,
+                                         autograph=False)
 
     # -- state ------------------------------------------------------------------------------
     def init_from(self, source: UNet) -> None:
