@@ -115,8 +115,9 @@ def where_the_student_differs(teacher: np.ndarray, student: np.ndarray) -> None:
     worst = np.argsort(-err)
     fds = []
     for share in (0.01, 0.05, 0.10):
+        replaced = worst[:int(share * len(err))]
         mixed = student.copy()
-        mixed[worst[:int(share * len(err))]] = teacher[worst[:int(share * len(err))]]
+        mixed[replaced] = teacher[replaced]
         fds.append(f"{share:.0%}: {dc.digits_fd(mixed, 'test'):.2f}")
     print(f"# student FD with its samples farthest from the teacher's replaced by the teacher's: "
           f"{', '.join(fds)}")
@@ -144,18 +145,18 @@ def main(argv=None) -> None:
     if args.ancestral:
         plan = ddim_plan(SamplerConfig(steps=args.ancestral, skip_type="uniform"), eta=1.0)
         plans.append((f"teacher ancestral {plan.n_calls} steps", plan))
-    teacher_images = None
+    teacher_images = []  # per plan; the first is DDIM at the dataset's own steps
     for name, plan in plans:
         images, seconds = timed(lambda: draw(plan_sampler(teacher, plan, args.xla, args.seed),
                                              args.n, args.seed))
         table.row(name, images, seconds)
-        teacher_images = images if teacher_images is None else teacher_images  # DDIM, own steps
+        teacher_images.append(images)
     if not args.no_student:
         student, weights = load_student(args.student, CFG)
         print(f"# student: {weights.describe()}")
         images, seconds = timed(lambda: draw(student_fn(student, args.xla), args.n, args.seed))
         table.row("student (1 call)", images, seconds)
-        where_the_student_differs(teacher_images, images)
+        where_the_student_differs(teacher_images[0], images)
     noise = np.random.default_rng(args.seed).integers(0, 256, (args.n, 8, 8, 1), dtype=np.uint8)
     table.row("uniform noise (for scale)", noise)
 

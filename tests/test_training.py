@@ -1,6 +1,6 @@
 """Stage 2, the student: loss against the original's formula in NumPy, gradient accumulation,
-replica-count invariance (of the pairs, too), SIGKILL-and-resume, and learning on the tiny config (multi-worker
-training: tests/test_pairs.py, after the workers' pair generation)."""
+replica-count invariance (of the pairs, too), SIGKILL-and-resume, and learning on the tiny config
+(multi-worker training: tests/test_pairs.py, after the workers' pair generation)."""
 import json
 import os
 import signal
