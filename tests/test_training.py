@@ -175,8 +175,9 @@ def test_two_replicas_killed_and_resumed_on_one_end_with_the_same_pairs_and_weig
                             env={**os.environ, "PYTHONPATH": ROOT})
     ckpts = run / "checkpoints"
     deadline = time.time() + 600
+    # killed once the checkpoint state names ckpt-2 (written after ckpt-2's files are complete)
     while proc.poll() is None and time.time() < deadline and not (
-            ckpts.exists() and any(f.startswith("ckpt-2.") for f in os.listdir(ckpts))):
+            (tf.train.latest_checkpoint(str(ckpts)) or "").endswith("ckpt-2")):
         time.sleep(0.05)
     assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
     proc.send_signal(signal.SIGKILL)
