@@ -4,7 +4,6 @@ form, gradient accumulation, replica-count invariance (of the pairs, too) and SI
 training: tests/test_pairs.py, after the workers' pair generation)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from models.diffusion import student_loss
 from models.unet import UNet, official_variables
 from models.weights import load_unet, read_converted
 from tests.conftest import PAIRS
-from tests.helpers import ROOT, run_cli, run_main
+from tests.helpers import ROOT, run_main
 from tests.reference.official import numpy_forward, official_variable_shapes, random_params
 from utils.train.loop import Trainer
 
@@ -103,6 +102,8 @@ def test_adam_follows_the_closed_form_in_and_out_of_a_graph():
             apply(tf.constant(g, tf.float32))
         np.testing.assert_allclose(var.numpy(), w, rtol=1e-5, atol=1e-6)
         assert int(opt.iterations.numpy()) == 4 and not np.allclose(w, w0)
+    with pytest.raises(ValueError, match="amsgrad"):  # a variant the fused kernel does not have
+        FusedAdam(lr, amsgrad=True)
 
 
 @pytest.mark.parametrize("decay_steps", [0, 50])
@@ -169,20 +170,20 @@ def test_two_replicas_killed_and_resumed_on_one_end_with_the_same_pairs_and_weig
     pairs, run = tmp_path / "pairs", tmp_path / "run"
     args = train_args(tiny_teacher, str(pairs), run, *REFERENCE)
     args.remove("--no_generate")
-    stderr = open(tmp_path / "stderr", "w")
-    proc = subprocess.Popen([sys.executable, *args, "--cpu_replicas", "2"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=stderr,
-                            env={**os.environ, "PYTHONPATH": ROOT})
-    ckpts = run / "checkpoints"
-    deadline = time.time() + 600
-    # killed once the checkpoint state names ckpt-2 (written after ckpt-2's files are complete)
-    while proc.poll() is None and time.time() < deadline and not (
-            (tf.train.latest_checkpoint(str(ckpts)) or "").endswith("ckpt-2")):
-        time.sleep(0.05)
-    assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stderr.close()
+    ckpts, deadline = run / "checkpoints", time.time() + 600
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, *args, "--cpu_replicas", "2"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=stderr,
+                                env={**os.environ, "PYTHONPATH": ROOT})
+        # killed once the checkpoint state names ckpt-2 (written after ckpt-2's files are complete)
+        while proc.poll() is None and time.time() < deadline and not (
+                (tf.train.latest_checkpoint(str(ckpts)) or "").endswith("ckpt-2")):
+            time.sleep(0.05)
+        alive = proc.poll() is None
+        proc.kill()
+        proc.wait()
+    assert alive, (tmp_path / "stderr").read_text()[-3000:]
+    assert tf.train.latest_checkpoint(str(ckpts)).endswith("ckpt-2")  # not the deadline
     assert not any(f.startswith("ckpt-4.") for f in os.listdir(ckpts))  # killed mid-run
     # the pairs of two replicas are those of one
     names = sorted(f for f in os.listdir(tiny_pairs) if f.endswith(".npy"))

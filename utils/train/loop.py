@@ -63,8 +63,14 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
 class FusedAdam(keras.optimizers.Adam):
     """Keras Adam (same variables, same checkpoints, same arithmetic) whose per-variable update is
     TensorFlow's fused Adam kernel, one op instead of Keras's dozen: tracing those ops was 45% of a
-    training step's trace time (the tiny config: 5.2 s), and the graph optimiser had them all to
-    process again. Keras's distribution logic (gradient all-reduce, per-device update) is unchanged."""
+    training step's trace time, and the graph optimiser had them all to process again (digits'
+    first step: 4.7-5.4 s instead of 7.9-9.5 s, bench/train_step.py). Keras's distribution logic
+    (gradient all-reduce, per-device update) is unchanged. No amsgrad: the kernel has none."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.amsgrad:
+            raise ValueError("FusedAdam has no amsgrad variant")
 
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
@@ -72,7 +78,8 @@ class FusedAdam(keras.optimizers.Adam):
         beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
         index = self._get_variable_index(variable)
         m, v = self._momentums[index].value, self._velocities[index].value
-        # lr_t = lr sqrt(1 - beta_2^t) / (1 - beta_1^t); m, v moving averages; var -= lr_t m / (sqrt(v) + eps)
+        # lr_t = lr sqrt(1 - beta_2^t) / (1 - beta_1^t); m, v: moving averages of g and g^2;
+        # var -= lr_t m / (sqrt(v) + eps)
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=m.handle, v=v.handle, beta1_power=tf.pow(beta_1, step),
             beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, dtype), beta1=beta_1,
@@ -199,11 +206,12 @@ def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int,
              run_data: Callable[[int, int, int], object], ckpt_every: int,
              on_checkpoint: Callable[[int], None], logger: "Logger", desc: str,
              progress: bool = True, ckpt_at_epoch_end: bool = True) -> int:
-    """Train until `total_steps`, resuming at the trainer's saved position. run_data(epoch, start, n)
-    gives the run's next n distributed batches, from step `start` of that epoch on: one iterator
-    for the whole run, used up to its end, as a tf.data iterator let go while its threads still
-    produce waits seconds for them (about 2 s at each epoch end in a loop that broke off). Every `ckpt_every` steps, at each epoch end (unless ckpt_at_epoch_end is off: tiny
-    epochs) and at the end, on_checkpoint(step) is called and then a checkpoint saved."""
+    """Train until `total_steps`, resuming at the trainer's saved position. run_data(epoch, start,
+    n) gives the run's next n distributed batches, from step `start` of that epoch on: one iterator
+    for the whole run, used up to its end (on a busy machine, a tf.data iterator let go at each
+    epoch end waited about 2 s for its threads). Every `ckpt_every` steps, at each epoch end
+    (unless ckpt_at_epoch_end is off: tiny epochs) and at the end, on_checkpoint(step) is called
+    and then a checkpoint saved."""
     step = trainer.step
     bar = progress_bar(total_steps, step, desc, not progress)
     speed, running = Throughput(), []
