@@ -25,22 +25,24 @@ def fd_of(out: str) -> float:
 @pytest.mark.slow
 def test_digits_distillation_end_to_end(tmp_path, capsys):
     run, pairs = tmp_path / "run", tmp_path / "pairs"
-    # one teacher batch shape (64) for every shard: one XLA compilation of the DDIM loop
-    argv = ["digits", str(run), "--datadir", str(pairs), "--n_examples", "512", "--shard_size",
-            "256", "--n_test", "64", "--gen_batch_size", "64", "--batch_size", "32", "--epochs",
-            "10", "--lr", "3e-3", "--warmup_steps", "10", "--lr_decay", "cosine", "--ckpt_every",
-            "80", "--no_progress"]
+    # One teacher batch shape (64) for every shard: one XLA compilation of the DDIM loop. 64 steps
+    # of 16 pairs, with an EMA decay of 0.95 that follows them (the default 0.995 lags: 80 steps
+    # of 32 pairs scored FD 253 with it, worse than noise; 25 with 0.95).
+    argv = ["digits", str(run), "--datadir", str(pairs), "--n_examples", "256", "--shard_size",
+            "128", "--n_test", "64", "--gen_batch_size", "64", "--batch_size", "16", "--epochs",
+            "4", "--lr", "3e-3", "--warmup_steps", "10", "--lr_decay", "cosine", "--ema_decay",
+            "0.95", "--ckpt_every", "80", "--no_progress"]
     code, _, err = run_main("training", argv, capsys)
     assert code == 0, err[-3000:]
     # stage 1: a complete pair set of the requested size, from the shipped teacher
     manifest = json.load(open(pairs / "manifest.json"))
-    assert manifest["n_examples"] == 512 and len(manifest["files"]) == 2 * (2 + 1)
+    assert manifest["n_examples"] == 256 and len(manifest["files"]) == 2 * (2 + 1)
     y = np.load(pairs / "y_train_0.npy")
-    assert y.shape == (256, 8, 8, 1) and y.dtype == np.uint8 and y.std() > 10
+    assert y.shape == (128, 8, 8, 1) and y.dtype == np.uint8 and y.std() > 10
     # stage 2: checkpoints, best export, held-out loss far below its initial value
     log = [json.loads(x) for x in open(run / "logs" / "scalars.jsonl")]
     held = [e["heldout_loss"] for e in log if "heldout_loss" in e]
-    assert log[-1]["step"] == 160 and min(held) < 0.5 * held[0]
+    assert log[-1]["step"] == 64 and min(held) < 0.5 * held[0]
     rates = [e["learning_rate"] for e in log if "learning_rate" in e]
     assert rates[-1] < 1e-4 * max(rates)  # --lr_decay cosine reaches zero at the last step
     meta = json.load(open(run / "best" / "weights.json"))
@@ -59,9 +61,10 @@ def test_digits_distillation_end_to_end(tmp_path, capsys):
     code, out, err = run_main("eval", ["fid", "digits", "--n_images", str(N_FID), "--batch_size",
                                        "100", "--model_dir", run, "--no-xla"], capsys)
     assert code == 0, err
-    # 160 steps from the shipped teacher (FD about 60 when measured): far better than uniform noise
+    # 64 steps from the shipped teacher (FD 25 when measured; uniform noise 183): far better
     noise = np.random.default_rng(0).integers(0, 256, (N_FID, 8, 8, 1), dtype=np.uint8)
-    assert fd_of(out) < 0.5 * dc.digits_fd(noise)
+    fd, noise_fd = fd_of(out), dc.digits_fd(noise)
+    assert fd < 0.3 * noise_fd, f"digits-classifier FD: student {fd:.1f}, noise {noise_fd:.1f}"
     # running the same command again finds everything complete and changes nothing
     before = open(run / "best" / "weights.data-00000-of-00001", "rb").read()
     code, _, err = run_main("training", argv, capsys)
