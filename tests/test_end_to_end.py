@@ -27,7 +27,7 @@ def test_digits_distillation_end_to_end(tmp_path, capsys):
     run, pairs = tmp_path / "run", tmp_path / "pairs"
     # One teacher batch shape (64) for every shard: one XLA compilation of the DDIM loop. 64 steps
     # of 16 pairs, with an EMA decay of 0.95 that follows them (the default 0.995 lags: 80 steps
-    # of 32 pairs scored FD 253 with it, worse than noise; 25 with 0.95).
+    # of 32 pairs scored FD 253 with it, worse than noise, and 16 with 0.95).
     argv = ["digits", str(run), "--datadir", str(pairs), "--n_examples", "256", "--shard_size",
             "128", "--n_test", "64", "--gen_batch_size", "64", "--batch_size", "16", "--epochs",
             "4", "--lr", "3e-3", "--warmup_steps", "10", "--lr_decay", "cosine", "--ema_decay",
