@@ -76,11 +76,10 @@ class FusedAdam(keras.optimizers.Adam):
         self._scalars: dict = {}
 
     def apply(self, grads, trainable_variables=None):
-        self._scalars = {}  # made afresh in each update (and each traced graph)
         try:
             return super().apply(grads, trainable_variables)
         finally:
-            self._scalars = {}
+            self._scalars = {}  # made afresh in each update (and each traced graph)
 
     def _step_scalars(self, dtype: tf.DType, device: str, learning_rate) -> dict:
         """ResourceApplyAdam's scalar inputs for this update, once per dtype and device:
