@@ -70,12 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def plan_sampler(model, plan, xla: bool, seed: int):
-    """z -> x0 through the DDIM loop of `plan`; stochastic plans get a fresh seed each batch."""
+def plan_sampler(model, plan, xla: bool):
+    """seed -> (z -> x0 through the DDIM loop of `plan`), compiled once for all seeds; stochastic
+    plans get a fresh seed each batch."""
     fn = tf.function(lambda z, s: ddim_sample(lambda x, t: model(x, t), z, plan, s),
                      jit_compile=xla)
-    batch_no = iter(range(1 << 30))
-    return lambda z: fn(z, tf.constant([seed, 100_000 * next(batch_no)], tf.int32))
+
+    def for_seed(seed: int):
+        batch_no = iter(range(1 << 30))
+        return lambda z: fn(z, tf.constant([seed, 100_000 * next(batch_no)], tf.int32))
+    return for_seed
 
 
 def draw(sample, n: int, seed: int) -> np.ndarray:
@@ -128,16 +132,17 @@ def student_over_teacher(student_fds: list[float], teacher_fds: list[float]) -> 
 def where_the_student_differs(teacher: list[np.ndarray], student: list[np.ndarray]) -> None:
     """Student against teacher on the same noise: class agreement, and the FD when the student's
     samples farthest from the teacher's are replaced by the teacher's (is the gap a tail?)."""
-    t, s = np.concatenate(teacher), np.concatenate(student)
-    err = np.abs(t.astype(float) - s.astype(float)).mean(axis=(1, 2, 3)) / 127.5
-    same = dc.class_probabilities(t).argmax(1) == dc.class_probabilities(s).argmax(1)
+    errs = [np.abs(t.astype(float) - s.astype(float)).mean(axis=(1, 2, 3)) / 127.5
+            for t, s in zip(teacher, student)]  # per seed, per image
+    err = np.concatenate(errs)
+    same = (dc.class_probabilities(np.concatenate(teacher)).argmax(1) ==
+            dc.class_probabilities(np.concatenate(student)).argmax(1))
     print(f"# student vs teacher DDIM: same class {same.mean():.1%}; mean absolute error per pixel "
           f"{err[same].mean():.3f} there, {err[~same].mean():.3f} where the class differs")
     fds = []
     for share in (0.01, 0.05, 0.10):
         per_seed = []
-        for ts, ss in zip(teacher, student):
-            e = np.abs(ts.astype(float) - ss.astype(float)).mean(axis=(1, 2, 3))
+        for ts, ss, e in zip(teacher, student, errs):
             replaced = np.argsort(-e)[:int(share * len(e))]
             mixed = ss.copy()
             mixed[replaced] = ts[replaced]
@@ -172,16 +177,16 @@ def main(argv=None) -> None:
                       args.seeds[:1]))
     teacher_sets, teacher_fds = None, None  # DDIM at the dataset's own steps, per seed
     for name, plan, seeds in plans:
-        sets, seconds = timed(lambda: [draw(plan_sampler(teacher, plan, args.xla, s), args.n, s)
-                                       for s in seeds])
+        sampler = plan_sampler(teacher, plan, args.xla)
+        sets, seconds = timed(lambda: [draw(sampler(s), args.n, s) for s in seeds])
         fds = table.row(name, sets, seconds)
         if teacher_sets is None:
             teacher_sets, teacher_fds = sets, fds
     if not args.no_student:
         student, weights = load_student(args.student, CFG)
         print(f"# student: {weights.describe()}")
-        sets, seconds = timed(lambda: [draw(student_fn(student, args.xla), args.n, s)
-                                       for s in args.seeds])
+        sample = student_fn(student, args.xla)
+        sets, seconds = timed(lambda: [draw(sample, args.n, s) for s in args.seeds])
         student_over_teacher(table.row("student (1 call)", sets, seconds), teacher_fds)
         where_the_student_differs(teacher_sets, sets)
     noise = [np.random.default_rng(s).integers(0, 256, (args.n, 8, 8, 1), dtype=np.uint8)
