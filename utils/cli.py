@@ -122,9 +122,18 @@ def _weights_path(path: str) -> None:
         raise UserError(f"{path} not found")
 
 
+def _new_file(path: str) -> None:
+    if os.path.exists(path):
+        raise UserError(f"{path} already exists; choose another name")
+    folder = os.path.dirname(os.path.abspath(path))
+    _check_output_dir(folder, folder)
+
+
 output_dir = _path_type(_output_dir)  # a folder to write into: existing, or creatable
+new_file = _path_type(_new_file)  # a file to create: not there yet, its folder creatable
 existing_dir = _path_type(_existing(os.path.isdir, "directory"))
 existing_file = _path_type(_existing(os.path.isfile, "file"))
+existing_path = _path_type(_existing(os.path.exists, "file or folder"))
 weights_path = _path_type(_weights_path)  # a weight file or folder, or a TF checkpoint prefix
 
 

@@ -1,46 +1,38 @@
-"""Frechet Inception Distance (FID) with the standard TTUR Inception network.
+"""Frechet Inception Distance (FID): the distance, streamed statistics, statistics files, and the
+image sets measured (folders of images, a dataset's real images).
 
-The numbers are meant to be comparable with the official TTUR code (bioinf-jku/TTUR, fid.py) and
-therefore with the FIDs reported by DDPM/DDIM: the features are the 2048-d `pool_3` activations of
-the 2015-12-05 Inception graph `classify_image_graph_def.pb`, fed float images in [0, 255] at the
-graph's `ExpandDims:0` tensor, so that the graph's own ResizeBilinear (to 299x299) and its
-(x - 128) / 128 scaling are used unchanged. Nothing here downloads anything.
+FIDs are meant to be comparable with the official TTUR code (bioinf-jku/TTUR, fid.py) and
+therefore with the FIDs reported by DDPM/DDIM: the 2048-d pool_3 features of the 2015-12-05
+Inception network (utils/evaluate/inception.py), their mean and covariance over each set, and
+the Frechet distance between the two Gaussians. Nothing here downloads anything.
 
-Typical use (what `eval.py fid` needs):
-
-    net = load_inception("classify_image_graph_def.pb")
-    mu_r, s_r = load_statistics("cifar10_train.npz")              # or:
-    mu_r, s_r = compute_statistics(reference_images("cifar10", "train", None), net, 100)
+    net = load_inception()                                         # utils.evaluate.inception
+    ref = load_statistics("cifar10_train.npz")                     # or compute_statistics(...)
     mu_g, s_g = compute_statistics(generated_uint8_batches, net, 100, total=50_000)
-    fid = frechet_distance(mu_g, s_g, mu_r, s_r)
+    fid = frechet_distance(mu_g, s_g, ref.mu, ref.sigma)
 """
 from __future__ import annotations
 
 import os
-import tempfile
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 from tqdm import tqdm
 
 from models.configs import CONFIGS, SKLEARN_DIGITS, get_config
+from utils import fileio
 from utils.errors import UserError, first_line
-
-INCEPTION_URL = "http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz"
-INCEPTION_FILE = "classify_image_graph_def.pb"
-INPUT_TENSOR = "ExpandDims:0"  # float32 [1, H, W, 3] in [0, 255] in the graph; we make it [N, ...]
-OUTPUT_TENSOR = "pool_3:0"  # [1, 1, 1, 2048] in the graph; we make it [N, 1, 1, 2048]
-FEATURE_DIM = 2048
-
-_GET_INCEPTION = (f"get {INCEPTION_FILE} (the TTUR FID network) from {INCEPTION_URL} "
-                  f"(extract it from the .tgz) and pass its path")
 
 # DDIM's CelebA crop (ermongroup/ddim, datasets/__init__.py: cx=89, cy=121, a 128x128 box,
 # torchvision F.crop(img, top=cy-64, left=cx-64, 128, 128)), then Resize(64).
 CELEBA_SHAPE = (218, 178)
 CELEBA_TOP, CELEBA_LEFT, CELEBA_CROP = 57, 25, 128
 CELEBA_SIZE = 64
+STABLE_COUNT = 2048  # fewer images than feature dimensions: a singular covariance, a biased FID
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class FIDError(UserError, ValueError):
@@ -140,8 +132,9 @@ class RunningStatistics:
 def compute_statistics(images_iter: Iterable[np.ndarray],
                        feature_fn: Callable[[np.ndarray], np.ndarray],
                        batch_size: int, total: int | None = None, progress: bool = True,
-                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of feature_fn over uint8 [N, H, W, 3] image batches, streamed in float64.
+                       limit: int | None = None, network: str | None = None) -> Statistics:
+    """Statistics of feature_fn over uint8 [N, H, W, 3] image batches, streamed in float64 (memory
+    does not grow with the number of images); `network` is recorded with them.
 
     Each array from `images_iter` is fed in slices of at most `batch_size` images (arrays are not
     merged across the iterator, so a producer of small batches gives small feature batches).
@@ -174,34 +167,37 @@ def compute_statistics(images_iter: Iterable[np.ndarray],
                 bar.update(chunk.shape[0])
             if limit is not None and stats.n >= limit:
                 break
-    return stats.result()
+    mu, sigma = stats.result()
+    return Statistics(mu, sigma, stats.n, network)
 
 
-def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write mu and sigma to the .npz file `path` (TTUR's keys), atomically.
-
-    A temporary file in the same directory is renamed over `path`, so an interrupted run never
-    leaves a truncated statistics file that a later run would trust. The name is used as given
-    (no '.npz' is appended).
-    """
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".fid_stats_", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma)  # a file object, so np.savez adds no suffix
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+@dataclass
+class Statistics:
+    """mu and sigma of a set's features, with how many images and which network made them (None
+    where a file does not say, as TTUR's fid_stats_*.npz files do not)."""
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int | None = None
+    network: str | None = None
 
 
-def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) as float64 from an .npz with keys 'mu' and 'sigma' (ours or TTUR's)."""
+def save_statistics(path: str, stats: Statistics) -> None:
+    """Write the statistics to the .npz file `path` atomically: TTUR's keys mu and sigma, plus
+    count and network where known. The name is used as given (no '.npz' is appended)."""
+    extra = {}
+    if stats.count is not None:
+        extra["count"] = np.int64(stats.count)
+    if stats.network is not None:
+        extra["network"] = np.str_(stats.network)
+    fileio.makedirs(os.path.dirname(os.path.abspath(path)))
+    with fileio.atomic_write(path) as f:  # a file object, so np.savez adds no suffix
+        np.savez(f, mu=np.asarray(stats.mu, np.float64), sigma=np.asarray(stats.sigma, np.float64),
+                 **extra)
+
+
+def load_statistics(path: str, dim: int | None = None) -> Statistics:
+    """Statistics from an .npz with keys 'mu' and 'sigma' (ours, or TTUR's fid_stats_*.npz);
+    `dim`: the feature size they must have. Never unpickles anything."""
     if not os.path.isfile(path):
         raise FIDError(f"statistics file {path} not found")
     try:
@@ -211,6 +207,8 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
                 raise FIDError(f"statistics file {path} lacks key(s) {', '.join(missing)} "
                                f"(has: {', '.join(data.files) or 'nothing'})")
             mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+            count = int(data["count"]) if "count" in data.files else None
+            network = str(data["network"]) if "network" in data.files else None
     except FIDError:
         raise
     except Exception as e:  # not a zip/npy file, or an object array that would need pickle
@@ -218,108 +216,57 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(f"statistics file {path} has mu {mu.shape} and sigma {sigma.shape}; "
                        f"expected [D] and [D, D]")
-    return mu, sigma
+    if dim is not None and mu.shape[0] != dim:
+        raise FIDError(f"statistics file {path} holds {mu.shape[0]}-d features; the Inception "
+                       f"network gives {dim}-d ones")
+    return Statistics(mu, sigma, count, network)
 
 
-# -- the Inception network ------------------------------------------------------------------------
+# -- image sets ------------------------------------------------------------------------------------
 
-class InceptionFeatures:
-    """The TTUR Inception graph as a callable: uint8 [N, H, W, 3] -> float32 [N, 2048] pool_3.
+class ImageFolder:
+    """The images of a folder (PNG or JPEG, sorted by name, the first `limit`) as re-iterable
+    uint8 [N, H, W, 3] batches; grey images are made RGB. Every file is checked on creation
+    (headers and checksums, not decoded), so a broken one stops the run before hours of work."""
 
-    Why a TF1 Session and not `tf.compat.v1.wrap_function`: the 2015 graph computes its batch
-    norms with `BatchNormWithGlobalNormalization`, an op removed at GraphDef version 9. The file
-    is older than that, so importing it into a `tf.Graph` keeps its old producer version and the
-    op still runs (this is what TTUR does). A wrap_function/tf.function body is instantiated at the
-    current GraphDef version instead and fails with "not available in GraphDef version ...".
-
-    The input tensor `ExpandDims:0` (float32 [1, H, W, 3], fed with values 0..255) is remapped
-    (input_map) to a [None, None, None, 3] placeholder. In the file that tensor comes from
-    DecodeJpeg -> Cast -> ExpandDims, so its static batch is 1; TTUR patches every tensor's static
-    shape from [1, ...] to [None, ...] for the same reason, remapping the input re-derives them.
-    Session.run only executes what `pool_3:0` needs, so the JPEG placeholder and the batch-1
-    `pool_3/_reshape` -> softmax head never run. Any H and W work: the graph's own ResizeBilinear
-    (legacy TF bilinear, no antialias) brings images to 299x299 exactly as in TTUR.
-    """
-
-    def __init__(self, path: str, input_name: str = INPUT_TENSOR,
-                 output_name: str = OUTPUT_TENSOR) -> None:
-        self.path = path
-        graph_def = _read_graph_def(path, (input_name, output_name))
-        # `_output_shapes` annotations (written by as_graph_def(add_shapes=True)) would make the
-        # importer pin the old batch-1 shapes again over our dynamic input.
-        for node in graph_def.node:
-            if "_output_shapes" in node.attr:
-                del node.attr["_output_shapes"]
-        self._graph = tf.Graph()
+    def __init__(self, folder: str, batch_size: int = 50, limit: int | None = None):
+        if not os.path.isdir(folder):
+            raise FIDError(f"{folder} is not a folder of images")
         try:
-            with self._graph.as_default():
-                self._input = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3],
-                                                       name="fid_images")
-                (self._output,) = tf.graph_util.import_graph_def(
-                    graph_def, input_map={input_name: self._input},
-                    return_elements=[output_name], name="inception")
-            self._graph.finalize()
-            self._session = tf.compat.v1.Session(graph=self._graph)
-            # One tiny run now, so a graph that imports but cannot execute fails here, clearly.
-            probe = self._session.run(self._output,
-                                      {self._input: np.zeros((1, 8, 8, 3), np.float32)})
-        except Exception as e:  # wrong input dtype, unknown ops, non-executable graph, ...
-            raise FIDError(f"{path} could not be used as the FID Inception graph "
-                           f"({first_line(e)}); {_GET_INCEPTION}") from None
-        shape = self._output.shape
-        if probe.ndim < 2 or any(s != 1 for s in probe.shape[1:-1]):
-            self.close()
-            raise FIDError(f"{path}: {output_name} has shape {probe.shape[1:]} per image, "
-                           f"expected [1, 1, D]; {_GET_INCEPTION}")
-        self.output_shape = shape  # static [None, 1, 1, D]: the batch is dynamic
-        self.dim: int = int(probe.shape[-1])
+            names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+        except OSError as e:
+            raise FIDError(f"{folder}: unreadable folder ({e.strerror or e})") from None
+        if not names:
+            raise FIDError(f"{folder} holds no images (.png, .jpg)")
+        self.folder, self.batch_size = folder, batch_size
+        self.files = names[:limit] if limit else names
+        self.num_examples = len(self.files)
+        for name in tqdm(self.files, desc=f"checking {folder}", unit="img", leave=False,
+                         disable=len(self.files) < 5000):
+            self._open(name, verify=True)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """pool_3 features (float32 [N, D]) of uint8 images [N, H, W, 3] (values 0..255)."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"Inception input must be uint8 [N, H, W, 3], got {images.dtype} "
-                             f"{images.shape}")
-        # The graph expects floats in [0, 255] (it subtracts 128 and divides by 128 itself).
-        out = self._session.run(self._output, {self._input: images.astype(np.float32)})
-        return out.reshape(images.shape[0], -1)  # squeeze the 1x1 spatial dims
+    def _open(self, name: str, verify: bool = False) -> np.ndarray | None:
+        path = os.path.join(self.folder, name)
+        try:
+            with Image.open(path) as im:
+                if verify:
+                    im.verify()
+                    return None
+                return np.asarray(im.convert("RGB"), np.uint8)
+        except (OSError, SyntaxError, ValueError):  # PIL's errors for broken files
+            raise FIDError(f"{path}: not a readable image (truncated or corrupt)") from None
 
-    def close(self) -> None:
-        """Release the session (also done on garbage collection)."""
-        session = getattr(self, "_session", None)
-        if session is not None:
-            session.close()
-            self._session = None
-
-    def __enter__(self) -> "InceptionFeatures":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _read_graph_def(path: str, names: tuple[str, ...]) -> tf.compat.v1.GraphDef:
-    """Parse a frozen GraphDef and check that it has the op names in `names` ('op:0' allowed)."""
-    if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
-        raise FIDError(f"Inception graph {path} not found; {_GET_INCEPTION}")
-    with tf.io.gfile.GFile(path, "rb") as f:
-        data = f.read()
-    graph_def = tf.compat.v1.GraphDef()
-    try:
-        graph_def.ParseFromString(data)
-    except Exception:  # google.protobuf.message.DecodeError, kept out of our imports
-        raise FIDError(f"{path} is not a TensorFlow GraphDef; {_GET_INCEPTION}") from None
-    ops = {node.name for node in graph_def.node}
-    missing = [n for n in names if n.split(":")[0] not in ops]
-    if missing:
-        raise FIDError(f"{path} is not the FID Inception graph (no {', '.join(missing)} "
-                       f"tensor); {_GET_INCEPTION}")
-    return graph_def
-
-
-def load_inception(path: str) -> InceptionFeatures:
-    """The TTUR Inception feature function of classify_image_graph_def.pb (FIDError if unusable)."""
-    return InceptionFeatures(path)
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Batches of up to batch_size images of one size (a size change starts a new batch)."""
+        batch: list[np.ndarray] = []
+        for name in self.files:
+            img = self._open(name)
+            if batch and (len(batch) == self.batch_size or img.shape != batch[0].shape):
+                yield np.stack(batch)
+                batch = []
+            batch.append(img)
+        if batch:
+            yield np.stack(batch)
 
 
 # -- reference images -----------------------------------------------------------------------------
@@ -340,7 +287,6 @@ def ddim_celeba_resize(img: np.ndarray, size: int = CELEBA_SIZE) -> np.ndarray:
     averages 4 source pixels per axis with weights 1,3,3,1), unlike tf.image.resize's bilinear.
     PIL itself is used here so the uint8 rounding matches DDIM's pipeline too.
     """
-    from PIL import Image
     return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
         (size, size), Image.BILINEAR), dtype=np.uint8)
 
@@ -377,7 +323,7 @@ def reference_images(dataset: str, split: str = "train", data_dir: str | None = 
     if name is None or name == SKLEARN_DIGITS:
         known = [n for n, c in CONFIGS.items() if c.real_images and c.real_images != SKLEARN_DIGITS]
         raise FIDError(f"no reference images for dataset {dataset!r} (known: "
-                       f"{', '.join(known)}); pass --ref_stats file.npz")
+                       f"{', '.join(known)}); pass --reference FILE.npz")
     builder = tfds.builder(name, data_dir=data_dir)
     where = data_dir or "the default tensorflow-datasets directory"
     try:
@@ -386,7 +332,7 @@ def reference_images(dataset: str, split: str = "train", data_dir: str | None = 
     except AssertionError:
         raise FIDError(f"{name} is not prepared in {where}; run `tfds build {name}"
                        f"{' --data_dir ' + data_dir if data_dir else ''}` or pass "
-                       f"--ref_stats file.npz") from None
+                       f"--reference FILE.npz") from None
     except (ValueError, KeyError) as e:  # e.g. an unknown split name
         raise FIDError(f"cannot read {name} split {split!r} from {where}: "
                        f"{first_line(e)}") from None

