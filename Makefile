@@ -1,17 +1,24 @@
-# `make demo` and `make test` each set up their own virtual environment first.
+# `make demo` and `make test` each set up their own virtual environment first: demo installs
+# requirements.txt alone (TensorFlow; no PyTorch), test adds requirements-dev.txt.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: demo test test-fast bench clean-venv
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements-dev.txt
+
+$(BIN)/.installed-run: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
 	touch $@
 
-demo: $(BIN)/.installed
+$(BIN)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@ $(BIN)/.installed-run
+
+demo: $(BIN)/.installed-run
 	$(BIN)/python eval.py figures ./figures digits --n_images 49
 
 # Three pytest-xdist workers on two cores: the third keeps both cores busy while a worker waits (for
@@ -20,13 +27,13 @@ demo: $(BIN)/.installed
 # xdist_group marks keep each module with costly module fixtures on one worker.
 XDIST := -n 3 --dist loadgroup
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed-dev
 	$(BIN)/python -m pytest -q $(XDIST) tests
 
-test-fast: $(BIN)/.installed
+test-fast: $(BIN)/.installed-dev
 	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" tests
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed-dev
 	$(BIN)/python bench/forward.py --datasets cifar10 --batches 1 64
 
 clean-venv:

@@ -103,20 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="a dataset's settings, parameter count and sampler cost")
     _dataset_arg(p)
     from utils.evaluate.export import DEFAULT_SIGNATURE, TFLITE_VARIANTS
-    p = sub.add_parser("export", help="the student as a SavedModel and a TFLite model, for serving",
+    p = sub.add_parser("export", help="the student for serving: SavedModel and TFLite, or diffusers",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=(
                            "Write DIR/saved_model (signatures: sample(seed int64, n int32) -> "
                            "uint8 [n, H, W, C],\nthe images `tofolder --seed SEED` writes, bit for "
                            f"bit; denoise(z float32 [N, H, W, C]) -> uint8;\nserving_default = "
                            f"{DEFAULT_SIGNATURE}), DIR/denoise_{{variant}}.tflite and DIR/README.txt."
+                           "\nWith --format diffusers: a diffusers UNet2DModel folder (config.json, "
+                           "diffusion_pytorch_model.safetensors)\nand DIR/README.txt with the lines "
+                           "of PyTorch that sample from it."
                            "\nDIR must be new or empty: an export is never overwritten."))
     p.add_argument("savedir", metavar="DIR", type=output_dir, help="output folder (new, or empty)")
     _dataset_arg(p)
     p.add_argument("--model_dir", default=None, type=weights_path,
                    help="training run, converted checkpoint, or folder with {dataset}_ema_model.h5")
-    p.add_argument("--tflite", choices=TFLITE_VARIANTS, default="float32",
+    p.add_argument("--format", choices=("tf", "diffusers"), default="tf",
+                   help="tf (default): SavedModel and TFLite; diffusers: a UNet2DModel folder "
+                        "(config.json, safetensors) for PyTorch")
+    p.add_argument("--tflite", choices=TFLITE_VARIANTS, default=None,
                    help="TFLite weights: float32 (default), fp16, or int8 (dynamic-range: "
-                        "activations quantised on the fly)")
+                        "activations quantised on the fly); --format tf only")
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                    help="XLA-compile the SavedModel's network, as eval does by default (samples "
                         "bit-identical to tofolder with the same flag; TF Serving then needs "
@@ -415,12 +421,17 @@ def cmd_info(args, cfg) -> None:
 
 
 def cmd_export(args, cfg) -> None:
-    from utils.evaluate.export import export, require_new_dir
+    from utils.evaluate.export import export, export_diffusers, require_new_dir
     from utils.evaluate.sampling import load_student
+    if args.format == "diffusers" and args.tflite:
+        raise UserError("--tflite applies to --format tf only")
     require_new_dir(args.savedir)  # before the weights are loaded: a refusal is instant
     model, weights = load_student(args.model_dir, cfg)
     print(f"student: {weights.describe()}")
-    files = export(args.savedir, model, weights, cfg, args.tflite, args.xla)
+    if args.format == "diffusers":
+        files = export_diffusers(args.savedir, model, weights, cfg)
+    else:
+        files = export(args.savedir, model, weights, cfg, args.tflite or "float32", args.xla)
     print(f"wrote {args.savedir}: {', '.join(files)}")
 
 

@@ -1,8 +1,9 @@
 """The one-step student for deployment: a SavedModel (TF Serving, tf.saved_model.load) and a TFLite
-model, with a README.txt saying what is inside.
+model, or a diffusers UNet2DModel folder for PyTorch users, with a README.txt saying what is inside.
 
     python eval.py export ./export/digits digits               # SavedModel + denoise_float32.tflite
     python eval.py export ./export/c10 cifar10 --tflite int8   # dynamic-range int8 TFLite
+    python eval.py export ./export/c10_hf cifar10 --format diffusers   # config.json + safetensors
 
 The SavedModel's signatures:
 
@@ -27,12 +28,13 @@ import numpy as np
 import tensorflow as tf
 
 from models.configs import DatasetConfig
-from utils.fileio import atomic_dir, atomic_write
+from models.diffusion import STUDENT_T, student_fn
+from models.formats.diffusers import write_diffusers
 from models.unet import UNet, official_variables
 from models.weights import Weights
 from utils.errors import UserError
-from models.diffusion import STUDENT_T, student_fn
 from utils.evaluate.sampling import SAMPLE_STREAM, noise_for
+from utils.fileio import atomic_dir, atomic_write
 
 TFLITE_VARIANTS = ("float32", "fp16", "int8")
 SAVED_MODEL = "saved_model"
@@ -57,7 +59,7 @@ class StudentExport(tf.Module):
         # The underlying tf.Variables, under their official names (see the module docstring).
         self.weights = {name: v.value for name, v in official_variables(model).items()}
         step = student_fn(model, xla)
-        shape = list(cfg.network.image_shape)
+        shape = list(model.cfg.image_shape)
 
         def sample(seed: tf.Tensor, n: tf.Tensor) -> dict[str, tf.Tensor]:
             tf.debugging.assert_non_negative(n, message="n must be >= 0")  # else tf.range: none
@@ -158,4 +160,41 @@ Source weights: {weights.describe()}
     ", activations quantised on the fly" if tflite == "int8" else ""}):
   signature "denoise", input z float32 [N, {hwc}] (resize for N != 1),
   output images uint8 [N, {hwc}].
+"""
+
+
+def export_diffusers(out_dir: str, model: UNet, weights: Weights, cfg: DatasetConfig) -> list[str]:
+    """The student as a diffusers UNet2DModel folder (config.json, safetensors, README.txt) in
+    `out_dir`, which must be new or empty; complete or absent, as export()."""
+    require_new_dir(out_dir)
+    params = {name: v.numpy() for name, v in official_variables(model).items()}
+    try:
+        with atomic_dir(out_dir) as tmp:
+            write_diffusers(tmp, params, model.cfg, {"source": weights.describe()})
+            with atomic_write(os.path.join(tmp, README), "w") as f:
+                f.write(readme_diffusers(cfg, model, weights))
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    return sorted(os.listdir(out_dir))
+
+
+def readme_diffusers(cfg: DatasetConfig, model: UNet, weights: Weights) -> str:
+    h, w, c = model.cfg.image_shape
+    return f"""Denoising Student, {cfg.name} ({h}x{w}x{c}), as a diffusers UNet2DModel, written by
+`python eval.py export DIR {cfg.name} --format diffusers`. One network call:
+x0 = z - unet(z, {STUDENT_T}).sample, clipped to [-1, 1].
+
+Source weights: {weights.describe()}
+
+    import torch
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained("DIR").eval()   # DIR: this folder
+    z = torch.randn(16, {c}, {h}, {w})                        # N(0, I) noise, NCHW
+    with torch.no_grad():
+        x0 = (z - unet(z, {STUDENT_T}).sample).clamp(-1, 1)
+    images = ((x0 + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # NHWC uint8
+
+torch.randn is not eval.py's seeded noise: the same noise (eval.py's, NHWC, permuted to NCHW)
+gives the same images as eval.py, up to float rounding.
 """

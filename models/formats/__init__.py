@@ -1,0 +1,1 @@
+"""One module per weight format; models/weights.py is the door that picks one."""

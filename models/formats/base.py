@@ -1,0 +1,57 @@
+"""What every weight format reader returns (Weights) and how it fails (WeightsError)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from models.configs import NetworkConfig
+from utils.errors import UserError
+
+OFFICIAL_GN_EPS = 1e-6  # tf.contrib group_norm (DDPM), torch GroupNorm(eps=1e-6) (DDIM), diffusers' ports
+ORIGINAL_GN_EPS = 1e-3  # tensorflow-addons' default, used by the original repo's teachers and students
+META_FILE = "weights.json"  # our converted checkpoint: this file + tf.train.Checkpoint prefix "weights"
+
+
+class WeightsError(UserError, ValueError):
+    """A weight file that cannot be used as asked: missing, corrupt, or for another network."""
+
+
+@dataclass
+class Weights:
+    """Tensors under their official DDPM names (without `model/`) in the official layouts, plus
+    where they came from. `network`: the network they belong to where the file says (ours and
+    diffusers folders); None: the dataset's network (the official files and the original's)."""
+    params: dict[str, np.ndarray]
+    gn_eps: float
+    source: str
+    format: str  # "ddpm_tf1" | "ddim_pth" | "original_h5" | "converted" | "diffusers"
+    ema: bool | None = None
+    step: int | None = None
+    dataset: str | None = None
+    sha256: str | None = None
+    ignored: list[str] = field(default_factory=list)
+    command: str | None = None  # the command that made them (ours), SAVEDIR left symbolic
+    network: NetworkConfig | None = None
+
+    def describe(self) -> str:
+        ema = {True: "EMA", False: "raw", None: "as stored"}[self.ema]
+        step = f", step {self.step:,}" if self.step is not None else ""
+        made = f", made by `{self.command}`" if self.command else ""
+        return (f"{self.source} ({self.format}, {ema} weights{step}{made}; {len(self.params)} "
+                f"tensors, GroupNorm eps {self.gn_eps:g}; ignored {len(self.ignored)} other entries)")
+
+
+def cause(e: BaseException) -> str:
+    """A short reason for a reader's failure, in our words: the libraries' own messages run to
+    paragraphs and repeat the (possibly long) path, and cutting them leaves half a sentence."""
+    code = getattr(e, "error_code", None)  # TF raises some as a bare OpError with a code
+    if isinstance(e, FileNotFoundError) or code == tf.errors.NOT_FOUND:
+        return "a file is missing"
+    if isinstance(e, PermissionError) or code == tf.errors.PERMISSION_DENIED:
+        return "permission denied"
+    if isinstance(e, json.JSONDecodeError):
+        return "a JSON file is not valid JSON"
+    return "incomplete or corrupt"
