@@ -27,7 +27,7 @@ import io
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -214,6 +214,7 @@ class PairSet:
     image_shape: tuple[int, int, int]
     compact: bool
     seed: int | None
+    offsets: dict[str, int] = field(default_factory=dict)  # file name -> where its rows start
 
     @property
     def n_train(self) -> int:
@@ -258,14 +259,14 @@ def _npy_header(f, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, f.tell()
 
 
-def npy_info(path: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of an .npy file from its header (the size is checked against them)."""
+def npy_info(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and header length of an .npy file (the size is checked against them)."""
     with fileio.open_read(path) as f:
         shape, dtype, offset = _npy_header(f, path)
     size = fileio.getsize(path)
     if size != offset + int(np.prod(shape)) * dtype.itemsize:
         raise ValueError(f"{size} bytes, not those of a {dtype}{list(shape)} array (truncated?)")
-    return shape, dtype
+    return shape, dtype, offset
 
 
 def open_pair_set(folder: str, image_shape: tuple[int, int, int], verify: bool = False) -> PairSet:
@@ -305,10 +306,12 @@ def _open_pair_set(folder: str, image_shape: tuple[int, int, int], verify: bool)
             shards.append(Shard(f"train_{k}", TRAIN, start, n))
             start += n
         compact, seed = False, None
+    offsets = {}
     for s in shards:
-        _check_arrays(folder, s, image_shape, compact)
+        offsets.update(_check_arrays(folder, s, image_shape, compact))
     test = next((s for s in shards if s.stream == TEST), None)
-    return PairSet(folder, [s for s in shards if s.stream == TRAIN], test, image_shape, compact, seed)
+    return PairSet(folder, [s for s in shards if s.stream == TRAIN], test, image_shape, compact, seed,
+                   offsets)
 
 
 def _shape_of(path: str) -> tuple[int, ...]:
@@ -318,115 +321,201 @@ def _shape_of(path: str) -> tuple[int, ...]:
         raise PairSetError(f"{path}: unreadable ({e})") from None
 
 
-def _check_arrays(folder: str, s: Shard, image_shape, compact: bool) -> None:
+def _check_arrays(folder: str, s: Shard, image_shape, compact: bool) -> dict[str, int]:
+    """Checks a shard's arrays; returns their header lengths (where the rows start)."""
     want = (s.count, *image_shape)
     checks = [(s.y_file, np.uint8)] + ([] if compact else [(s.x_file, np.float16)])
+    offsets = {}
     for name, dtype in checks:
         path = os.path.join(folder, name)
         try:
-            shape, got = npy_info(path)
+            shape, got, offsets[name] = npy_info(path)
         except (OSError, ValueError) as e:
             raise PairSetError(f"{path}: unreadable ({e})") from None
         if shape != want or got != dtype:
             raise PairSetError(f"{path}: {got}{list(shape)}, expected "
                                f"{np.dtype(dtype)}{list(want)}")
+    return offsets
 
 
-def epoch_order(pairs: PairSet, epoch: int, seed: int, shards_in_memory: int
-                ) -> list[tuple[Shard, np.ndarray]]:
-    """The example order of one epoch: shards in a seeded random order, taken `shards_in_memory` at a
-    time, examples of those shards mixed together. Returns (shard, row) runs, flattened below."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(pairs.train))
-    runs = []
-    for g in range(0, len(order), shards_in_memory):
-        group = [pairs.train[i] for i in order[g:g + shards_in_memory]]
-        owner = np.concatenate([np.full(s.count, j) for j, s in enumerate(group)])
-        row = np.concatenate([np.arange(s.count) for s in group])
-        perm = rng.permutation(len(owner))
-        runs.append((group, owner[perm], row[perm]))
-    return runs
+# -- the training reader: a tf.data graph ----------------------------------------------------------
+# The order of an epoch is a pure function of (seed, epoch), the same for any number of workers:
+# the train shards in a shuffled order, taken SHARDS_IN_MEMORY at a time (a "group"); the
+# examples of a group shuffled together; the groups' examples one after the other, cut into
+# global batches (a last partial batch is dropped). Worker i of n takes the i-th n-th of every
+# global batch. Both shuffles are TensorFlow's stateless_shuffle, keyed by stateless_fold_in of
+# (seed, epoch) and of the group, so the whole reader is graph ops: shards are read with
+# tf.io.read_file (any tf.io.gfile path), their rows taken after the .npy header by decode_raw.
+
+SHARDS_IN_MEMORY = 2
+READER_KEY = 0x5EED_DA7A  # keeps the reader's random streams apart from any other use of `seed`
 
 
-def batches(pairs: PairSet, global_batch: int, epoch: int, seed: int, start_step: int = 0,
-            part: tuple[int, int] = (0, 1), shards_in_memory: int = 2
-            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(X float32, Y uint8) batches of one epoch, shuffled across shards, from step `start_step` on.
-
-    The order depends only on (seed, epoch), never on the number of workers; `part = (i, n)` yields
-    worker i's 1/n of every global batch. A partial last batch is dropped, as in the original.
-    At most `shards_in_memory` shards are loaded at a time: the examples a group of shards leaves
-    over for the next batch (fewer than a batch) are copied out before the group is let go."""
-    worker, n_workers = part
-    per_worker = global_batch // n_workers
-    step = 0
-    index_of = {s.name: i for i, s in enumerate(pairs.train)}
-    carry = _Rows.empty(pairs.image_shape)  # examples left over by the previous groups
-    runs = epoch_order(pairs, epoch, seed, shards_in_memory)
-    for g, (group, owner, row) in enumerate(runs):
-        ids = np.array([index_of[s.name] for s in group])[owner]
-        new = np.stack([ids, row], 1)  # (shard index, row), after the carry
-        n_full = (len(carry) + len(new)) // global_batch
-        loaded = {}  # the shards of this group only
-        for b in range(n_full):
-            if step >= start_step:
-                lo = b * global_batch + worker * per_worker
-                yield _span(pairs, carry, new, lo, lo + per_worker, loaded).arrays()
-            step += 1
-        if g + 1 < len(runs):  # the leftovers start the next batch: copied only if it is wanted
-            carry = _span(pairs, carry, new, n_full * global_batch, len(carry) + len(new), loaded,
-                          copy=step >= start_step)
+def _fold_in(key: tf.Tensor, data: int | tf.Tensor) -> tf.Tensor:
+    # always int64 data: stateless_fold_in hashes an int32 0 and an int64 0 differently
+    return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64))
 
 
-@dataclass
-class _Rows:
-    """Examples taken out of their shards: (X float32, Y uint8), or only their count (`x is None`:
-    rows of a batch that is skipped)."""
-    n: int
-    x: np.ndarray | None
-    y: np.ndarray | None
-
-    @staticmethod
-    def empty(shape) -> "_Rows":
-        return _Rows(0, np.empty((0, *shape), np.float32), np.empty((0, *shape), np.uint8))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.x, self.y
+def epoch_key(seed: int | tf.Tensor, epoch: int | tf.Tensor) -> tf.Tensor:
+    """The stateless seed of an epoch's order."""
+    return _fold_in(tf.stack([tf.cast(seed, tf.int64), tf.constant(READER_KEY, tf.int64)]), epoch)
 
 
-def _span(pairs: PairSet, carry: _Rows, new: np.ndarray, lo: int, hi: int, loaded: dict,
-          copy: bool = True) -> _Rows:
-    """Examples lo..hi of the carry followed by `new`."""
-    if not copy:
-        return _Rows(hi - lo, None, None)
-    c = len(carry)
-    tail = _gather(pairs, new[max(lo - c, 0):max(hi - c, 0)], loaded)
-    if lo >= c:
-        return _Rows(hi - lo, *tail)
-    head = (carry.x[lo:min(hi, c)], carry.y[lo:min(hi, c)])  # copied: wanted by this batch
-    return _Rows(hi - lo, np.concatenate([head[0], tail[0]]), np.concatenate([head[1], tail[1]]))
+def shard_order(key: tf.Tensor, n_shards: int) -> tf.Tensor:
+    """The epoch's order of the train shards (indices into PairSet.train)."""
+    return tf.random.experimental.stateless_shuffle(tf.range(n_shards, dtype=tf.int64),
+                                                    seed=_fold_in(key, 0))
 
 
-def _gather(pairs: PairSet, pick: np.ndarray, loaded: dict) -> tuple[np.ndarray, np.ndarray]:
-    xs = np.empty((len(pick), *pairs.image_shape), np.float32)
-    ys = np.empty((len(pick), *pairs.image_shape), np.uint8)
-    for sid in np.unique(pick[:, 0]):
-        shard = pairs.train[sid]
-        if sid not in loaded:
-            loaded[sid] = pairs.load(shard)
-        x, y = loaded[sid]
-        mask = pick[:, 0] == sid
-        rows = pick[mask, 1]
-        ys[mask] = y[rows]
-        xs[mask] = pairs.x_for(shard, x, rows)
-    return xs, ys
+def group_permutation(key: tf.Tensor, group: int | tf.Tensor, n: int | tf.Tensor) -> tf.Tensor:
+    """The order of a group's n examples (its shards' rows, one shard after the other)."""
+    return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                    seed=_fold_in(key, tf.cast(group, tf.int64) + 1))
 
 
 def steps_per_epoch(pairs: PairSet, global_batch: int) -> int:
     return pairs.n_train // global_batch
+
+
+class PairReader:
+    """The stored pairs as tf.data: one host's part of every global batch, as per-replica batches
+    (x float16 as stored, or float32 noise for a compact set; y uint8: the training step converts
+    them, on the device), from (epoch, step) on, for as long as it is iterated.
+
+    Per group of shards: the files are read and decoded once, this host's rows picked in epoch
+    order, and each batch gathered straight from the decoded shards (a scan carries the rows of
+    a batch that a group ends part-way into the next group). At most two groups are in flight."""
+
+    def __init__(self, pairs: PairSet, global_batch: int, seed: int,
+                 shards_in_memory: int = SHARDS_IN_MEMORY):
+        self.pairs, self.global_batch, self.seed = pairs, global_batch, seed
+        self.k = shards_in_memory
+        self.n_shards = len(pairs.train)
+        self.used = steps_per_epoch(pairs, global_batch) * global_batch  # positions of an epoch
+        self.row = int(np.prod(pairs.image_shape))
+        folder, train = pairs.folder, pairs.train
+        self._y_paths = tf.constant([os.path.join(folder, s.y_file) for s in train])
+        self._x_paths = tf.constant([os.path.join(folder, s.x_file) for s in train])
+        self._y_offsets = tf.constant([pairs.offsets.get(s.y_file, 0) for s in train], tf.int64)
+        self._x_offsets = tf.constant([pairs.offsets.get(s.x_file, 0) for s in train], tf.int64)
+        self._counts = tf.constant([s.count for s in train], tf.int64)
+        self._starts = tf.constant([s.start for s in train], tf.int64)
+
+    def dataset(self, epoch: int, start_step: int, part: tuple[int, int],
+                per_replica: int) -> tf.data.Dataset:
+        """Per-replica batches of this host (part = (host, n_hosts)) from step `start_step` of
+        `epoch` on, through the following epochs without end. Consecutive elements go to
+        consecutive local replicas (what distribute_datasets_from_function does with them)."""
+        host, n_hosts = part
+        per_host = self.global_batch // n_hosts
+        if per_host % per_replica:
+            raise ValueError(f"a host's batch {per_host} does not split into replicas of "
+                             f"{per_replica}")
+        first = tf.constant(epoch, tf.int64)
+
+        def epoch_groups(e):
+            start = tf.where(e == first, tf.constant(start_step, tf.int64), 0)
+            return self._groups(e, start * self.global_batch, host, per_host)
+        # prefetch: the next epoch's first group is read while this epoch's last is used
+        groups = tf.data.Dataset.range(epoch, 2 ** 62).flat_map(epoch_groups).prefetch(1)
+        x_empty = tf.zeros([0], tf.int64) if self.pairs.compact else tf.zeros([0, self.row],
+                                                                              tf.float16)
+        carry = (x_empty, tf.zeros([0, self.row], tf.uint8))
+        batches = groups.scan(carry, lambda c, g: self._cut(c, g, per_replica))
+        batches = batches.flat_map(lambda *g: self._batches(g, per_replica))
+        shape = self.pairs.image_shape
+        if self.pairs.compact:  # X from the seed: the same noise as generation gave the teacher
+            to_pair = lambda key, y: (example_noise(key, self.pairs.seed, TRAIN, shape),
+                                      tf.reshape(y, [-1, *shape]))
+        else:
+            to_pair = lambda x, y: (tf.reshape(x, [-1, *shape]), tf.reshape(y, [-1, *shape]))
+        return batches.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def _groups(self, epoch: tf.Tensor, first_position: tf.Tensor, host: int,
+                per_host: int) -> tf.data.Dataset:
+        """The groups of one epoch from a position on, read two at a time: (the group's x rows
+        (or noise keys), y rows, this host's rows of it in epoch order)."""
+        key = epoch_key(self.seed, epoch)
+        order = shard_order(key, self.n_shards)
+        sizes = tf.math.segment_sum(tf.gather(self._counts, order),
+                                    tf.range(self.n_shards, dtype=tf.int64) // self.k)
+        ends = tf.cumsum(sizes)
+        begin = tf.reduce_sum(tf.cast(ends <= first_position, tf.int64))  # groups already done
+        end = tf.reduce_sum(tf.cast(ends - sizes < self.used, tf.int64))  # groups still used
+
+        def group(g):
+            shards = self._ids(order[g * self.k:(g + 1) * self.k])
+            size, base = sizes[g], ends[g] - sizes[g]
+            position = base + tf.range(size)
+            mine = ((position >= first_position) & (position < self.used)
+                    & ((position % self.global_batch) // per_host == host))
+            picks = tf.gather(group_permutation(key, g, size), tf.where(mine)[:, 0])
+            ys = tuple(self._read(self._y_paths, self._y_offsets, sid, tf.uint8) for sid in shards)
+            if self.pairs.compact:  # the examples' noise keys stand in for x
+                xs = tuple(tf.gather(self._starts, tf.maximum(sid, 0))
+                           + tf.range(tf.shape(y, out_type=tf.int64)[0]) for sid, y in zip(shards, ys))
+            else:
+                xs = tuple(self._read(self._x_paths, self._x_offsets, sid, tf.float16)
+                           for sid in shards)
+            return xs, ys, picks
+        return tf.data.Dataset.range(begin, end).map(group, num_parallel_calls=2,
+                                                    deterministic=True)
+
+    @staticmethod
+    def _take(parts: tuple[tf.Tensor, ...], rows: tf.Tensor) -> tf.Tensor:
+        """Rows of the group's shards taken one after the other, without joining the shards
+        first: each shard's rows gathered, then stitched into place (one copy of the rows)."""
+        ends = tf.cumsum(tf.stack([tf.shape(p, out_type=tf.int64)[0] for p in parts]))
+        owner = tf.searchsorted(ends, rows, side="right")
+        where, taken = [], []
+        for i, part in enumerate(parts):
+            mine = tf.where(owner == i)[:, 0]
+            start = ends[i] - tf.shape(part, out_type=tf.int64)[0]
+            where.append(tf.cast(mine, tf.int32))
+            taken.append(tf.gather(part, tf.gather(rows, mine) - start))
+        return tf.dynamic_stitch(where, taken)
+
+    def _cut(self, carry, group, per_replica: int):
+        """scan step: the group's batches start with the rows carried over from the last group;
+        the rows that do not fill a batch are carried into the next one."""
+        carry_x, carry_y = carry
+        xs, ys, picks = group
+        k = tf.shape(carry_y, out_type=tf.int64)[0]
+        n = (k + tf.size(picks, out_type=tf.int64)) // per_replica  # batches ending in this group
+        used = tf.maximum(n * per_replica - k, 0)  # this group's rows in them
+        rest = picks[used:]
+        keep = tf.where(n > 0, tf.constant(0, tf.int64), k)  # no batch ends here: carry on
+        new_x = tf.concat([carry_x[:keep], self._take(xs, rest)], 0)
+        new_y = tf.concat([carry_y[:keep], self._take(ys, rest)], 0)
+        return (new_x, new_y), (xs, ys, picks[:used], carry_x, carry_y, n)
+
+    def _batches(self, group, per_replica: int) -> tf.data.Dataset:
+        """The group's batches, each gathered straight from its decoded shards (the first one
+        after the carried rows)."""
+        xs, ys, picks, carry_x, carry_y, n = group
+        k = tf.shape(carry_y, out_type=tf.int64)[0]
+
+        def batch(b):
+            lo = tf.maximum(b * per_replica - k, 0)
+            rows = picks[lo:(b + 1) * per_replica - k]
+            head = tf.where(b == 0, k, 0)  # only the first batch takes the carried rows
+            return (tf.concat([carry_x[:head], self._take(xs, rows)], 0),
+                    tf.concat([carry_y[:head], self._take(ys, rows)], 0))
+        return tf.data.Dataset.range(n).map(batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                            deterministic=True)
+
+    def _ids(self, shards: tf.Tensor) -> list[tf.Tensor]:
+        """The group's shard indices, -1 where the last group is short."""
+        padded = tf.concat([shards, tf.fill([self.k], tf.constant(-1, tf.int64))], 0)
+        return [padded[i] for i in range(self.k)]
+
+    def _read(self, paths: tf.Tensor, offsets: tf.Tensor, sid: tf.Tensor, dtype) -> tf.Tensor:
+        """A shard's rows [count, H*W*C] read whole by tf.io.read_file; no rows for sid -1."""
+        def read():
+            i = tf.maximum(sid, 0)
+            raw = tf.io.decode_raw(tf.io.read_file(tf.gather(paths, i)), dtype)
+            return tf.reshape(raw[tf.gather(offsets, i) // dtype.size:], [-1, self.row])
+        return tf.cond(sid >= 0, read, lambda: tf.zeros([0, self.row], dtype))
 
 
 def heldout_batches(pairs: PairSet, batch: int, limit: int | None = None

@@ -43,3 +43,16 @@ def run_main(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
         run(main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
+
+
+def reader_batches(pairs, global_batch: int, seed: int, epoch: int = 0, part=(0, 1),
+                   per_replica: int | None = None, start: int = 0, n: int | None = None):
+    """The training reader's per-replica (x, y) batches as NumPy: `n` of them (default: the rest
+    of the epoch) from step `start` of `epoch` on, for host part = (host, n_hosts)."""
+    from data.shards import PairReader, steps_per_epoch
+    per_host = global_batch // part[1]
+    per_replica = per_replica or per_host
+    if n is None:
+        n = (steps_per_epoch(pairs, global_batch) - start) * (per_host // per_replica)
+    ds = PairReader(pairs, global_batch, seed).dataset(epoch, start, part, per_replica)
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(n)]

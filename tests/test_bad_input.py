@@ -20,7 +20,7 @@ TRAINING_NUMBERS = {
                                  "--grad_accum", "--ckpt_every", "--n_eval")},
     **{f: POSITIVE_FLOAT for f in ("--epochs", "--lr", "--adam_epsilon")},
     **{f: UNIT_INTERVAL for f in ("--beta_1", "--beta_2", "--ema_decay")},
-    "--warmup_steps": ["-1", "1.5", "x"], "--seed": SEED,
+    "--warmup_steps": ["-1", "1.5", "x"], "--seed": SEED, "--steps_per_call": POSITIVE_INT,
 }
 SAMPLING_NUMBERS = {"--n_images": POSITIVE_INT, "--batch_size": POSITIVE_INT, "--seed": SEED}
 EVAL_NUMBERS = {

@@ -13,12 +13,12 @@ import tensorflow as tf
 
 from data import shards
 from data.pairs import generate_pairs, make_teacher_fn, settings_for
-from data.shards import PairSetError, batches, open_pair_set, read_manifest, heldout_batches
+from data.shards import PairSetError, open_pair_set, read_manifest, heldout_batches
 from models.configs import CONFIGS
 from models.diffusion import ddim_plan, ddim_sample
 from models.weights import load_unet
 from tests.conftest import PAIR_SEED, PAIRS
-from tests.helpers import ROOT, run_main
+from tests.helpers import ROOT, reader_batches, run_main
 
 TINY = CONFIGS["tiny"]
 SHAPE = TINY.network.image_shape
@@ -170,9 +170,7 @@ def test_compact_set_stores_no_x_and_reads_the_same_x(teacher, tmp_path):
     generate_pairs(str(tmp_path / "compact"), compact, fn, 16, progress=False)
     assert not [f for f in os.listdir(tmp_path / "compact") if f.startswith("x_")]
     a, b = (open_pair_set(str(tmp_path / n), SHAPE, verify=True) for n in ("full", "compact"))
-    for (xa, ya), (xb, yb) in zip(batches(a, 16, 0, 1), batches(b, 16, 0, 1)):
-        np.testing.assert_array_equal(xa, xb)
-        np.testing.assert_array_equal(ya, yb)
+    _assert_same(reader_batches(b, 16, 1), reader_batches(a, 16, 1))  # X recomputed in the graph
     for (xa, _), (xb, _) in zip(heldout_batches(a, 10), heldout_batches(b, 10)):
         np.testing.assert_array_equal(xa, xb)
     size = lambda n: sum(os.path.getsize(tmp_path / n / f)  # noqa: E731
@@ -191,7 +189,7 @@ def test_original_layout_without_manifest_is_read(tmp_path):
     np.save(tmp_path / "y_test.npy", rng.integers(0, 256, (8, *SHAPE), dtype=np.uint8))
     p = open_pair_set(str(tmp_path), SHAPE)
     assert p.n_train == 60 and p.test.count == 8 and not p.compact
-    seen = np.concatenate([y for _, y in batches(p, 10, epoch=0, seed=0)])
+    seen = np.concatenate([y for _, y in reader_batches(p, 10, seed=0)])
     everything = np.concatenate([np.load(tmp_path / f"y_train_{k}.npy") for k in range(3)])
     assert sorted(map(bytes, seen)) == sorted(map(bytes, everything))  # each pair once per epoch
     np.save(tmp_path / "y_train_1.npy", np.zeros((20, 4, 4, 3), np.uint8))
@@ -200,21 +198,47 @@ def test_original_layout_without_manifest_is_read(tmp_path):
         open_pair_set(str(tmp_path), SHAPE)
 
 
-def test_reader_order_is_seeded_shuffled_across_shards_and_splits_by_worker(tmp_path):
-    for k in range(4):  # y encodes (shard, row) so every example is identifiable
-        y = np.zeros((25, *SHAPE), np.uint8)
-        y[:, 0, 0, 0], y[:, 0, 0, 1] = k, np.arange(25)
-        np.save(tmp_path / f"y_train_{k}.npy", y)
-        np.save(tmp_path / f"x_train_{k}.npy", np.zeros((25, *SHAPE), np.float16))
-    p = open_pair_set(str(tmp_path), SHAPE)
-    ids = lambda bs: [tuple(y[:, 0, 0, :2].tolist()) for _, y in bs]  # noqa: E731
-    e0 = ids(batches(p, 8, epoch=0, seed=1))
-    assert len(e0) == 100 // 8
-    assert e0 == ids(batches(p, 8, epoch=0, seed=1)) and e0 != ids(batches(p, 8, epoch=1, seed=1))
-    assert any(len({s for s, _ in b}) > 1 for b in e0)  # batches mix shards
-    assert ids(batches(p, 8, epoch=0, seed=1, start_step=5)) == e0[5:]
-    halves = [ids(batches(p, 8, epoch=0, seed=1, part=(w, 2))) for w in range(2)]
-    assert [a + b for a, b in zip(*halves)] == e0
+def _identifiable_set(folder, counts):
+    """Shards whose y encodes (shard, row) and whose x is distinct noise (the original layout)."""
+    rng = np.random.default_rng(7)
+    arrays = []
+    for k, n in enumerate(counts):
+        y = np.zeros((n, *SHAPE), np.uint8)
+        y[:, 0, 0, 0], y[:, 0, 0, 1] = k, np.arange(n)
+        x = rng.standard_normal((n, *SHAPE)).astype(np.float16)
+        np.save(folder / f"y_train_{k}.npy", y)
+        np.save(folder / f"x_train_{k}.npy", x)
+        arrays.append((x, y))
+    return open_pair_set(str(folder), SHAPE), arrays
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for (gx, gy), (wx, wy) in zip(got, want):
+        np.testing.assert_array_equal(gy, wy)
+        np.testing.assert_array_equal(gx, wx)
+
+
+def test_reader_batches_follow_the_documented_order_for_any_workers_and_resume(tmp_path):
+    """Against tests/reference/reader.py (the order re-derived from its definition): 1, 2 and 3
+    workers, a resume mid-epoch, a read across the epoch boundary, two replicas per host."""
+    from tests.reference.reader import epoch_examples, expected_batches
+    pairs, arrays = _identifiable_set(tmp_path, [25, 25, 25, 25, 13])  # 113 pairs, 3 groups
+    batch, seed = 12, 1  # 9 steps an epoch, 5 pairs dropped
+    epochs = [expected_batches(arrays, seed, e, batch) for e in (0, 1)]
+    _assert_same(reader_batches(pairs, batch, seed, 0), epochs[0])
+    assert epochs[0][0][1].tobytes() != epochs[1][0][1].tobytes()  # epochs differ
+    examples = epoch_examples([len(y) for _, y in arrays], seed, 0)
+    assert len(set(examples)) == 113 and len({k for k, _ in examples[:50]}) == 2  # a group: 2 shards
+    for n_workers in (2, 3):
+        for w in range(n_workers):
+            _assert_same(reader_batches(pairs, batch, seed, 0, part=(w, n_workers)),
+                         expected_batches(arrays, seed, 0, batch, w, n_workers))
+    _assert_same(reader_batches(pairs, batch, seed, 0, start=4), epochs[0][4:])  # resumed
+    _assert_same(reader_batches(pairs, batch, seed, 0, start=7, n=5), epochs[0][7:] + epochs[1][:3])
+    halves = reader_batches(pairs, batch, seed, 1, part=(1, 2), per_replica=3)  # 2 replicas a host
+    host = expected_batches(arrays, seed, 1, batch, 1, 2)
+    _assert_same(halves, [(x[i:i + 3], y[i:i + 3]) for x, y in host for i in (0, 3)])
 
 
 @pytest.mark.slow

@@ -18,10 +18,10 @@ import pytest
 import tensorflow as tf
 
 from data.pairs import generate_pairs, make_teacher_fn, settings_for, wait_until_complete
-from data.shards import (PairSetError, batches, heldout_batches, open_pair_set, read_manifest)
+from data.shards import PairSetError, heldout_batches, open_pair_set, read_manifest
 from models.configs import CONFIGS
 from models.weights import load_unet
-from tests.helpers import run_main
+from tests.helpers import reader_batches, run_main
 from utils import fileio
 
 TINY = CONFIGS["tiny"]
@@ -64,8 +64,7 @@ def small_settings(**kw):
 
 
 def epoch(pairs, part=(0, 1), start=0):
-    return [(x.copy(), y.copy()) for x, y in batches(pairs, 8, epoch=1, seed=3, start_step=start,
-                                                      part=part)]
+    return reader_batches(pairs, 8, seed=3, epoch=1, part=part, start=start)
 
 
 @pytest.mark.parametrize("where", ["local", "ram"])
@@ -120,37 +119,6 @@ def test_set_assembled_from_worker_parts_equals_the_one_worker_set(tmp_path, whe
         fileio.rmtree(parts)
 
 
-def test_reader_holds_at_most_two_shards(tmp_path, monkeypatch):
-    """On the gfile path a shard is read whole: never more than two at a time (plus the few
-    examples carried over to the next batch), and each shard once per epoch."""
-    from data import shards
-    folder = f"ram://{tmp_path.name}/mem"
-    generate_pairs(folder, small_settings(n_examples=240, shard_size=20, n_test=0),
-                   numpy_teacher, 20, progress=False)
-    pairs = open_pair_set(folder, SHAPE)
-    live, reads, peak = set(), [], [0]
-    real_load = shards.PairSet.load
-
-    class Tracked(np.ndarray):
-        pass
-
-    def load(self, shard):
-        import weakref
-        x, y = real_load(self, shard)
-        y = y.view(Tracked)
-        live.add(shard.name)
-        weakref.finalize(y, live.discard, shard.name)
-        reads.append(shard.name)
-        peak[0] = max(peak[0], len(live))
-        return x, y
-    monkeypatch.setattr(shards.PairSet, "load", load)
-    import gc
-    for _ in batches(pairs, 16, epoch=0, seed=2):
-        gc.collect(0)  # a batch's garbage is young; a full collection is slow in a busy worker
-    assert peak[0] <= 2 and sorted(reads) == sorted(s.name for s in pairs.train)
-    fileio.rmtree(folder)
-
-
 def write_npy_by_hand(path, array):
     """The .npy format 1.0 as documented (magic, header padded to 64 bytes, C-order data)."""
     header = "{'descr': '%s', 'fortran_order': False, 'shape': %r, }" % (
@@ -174,7 +142,7 @@ def test_original_layout_on_any_filesystem(tmp_path, where):
         write_npy_by_hand(f"{folder}/y_train_{k}.npy", y)
     p = open_pair_set(folder, SHAPE)
     assert p.n_train == 60 and p.test is None
-    seen = np.concatenate([y for _, y in batches(p, 10, epoch=0, seed=0)])
+    seen = np.concatenate([y for _, y in reader_batches(p, 10, seed=0)])
     assert sorted(map(bytes, seen)) == sorted(map(bytes, np.concatenate(ys)))
     with tf.io.gfile.GFile(f"{folder}/y_train_1.npy", "wb") as f:  # truncated
         f.write(fileio.read_bytes(f"{folder}/y_train_0.npy")[:500])

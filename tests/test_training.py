@@ -79,6 +79,33 @@ def one_update(batch, accum, tmp):
         {k: v.numpy() for k, v in official_variables(trainer.ema).items()}
 
 
+def test_several_steps_per_call_give_bit_identical_weights_and_losses(tmp_path):
+    """train_steps (n updates in one compiled call, reading the iterator in the graph) against n
+    calls of train_step on the same batches: the same weights, EMA and losses, bit for bit."""
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    opt = OptimConfig(lr=1e-2, warmup_steps=2, beta_1=0.9, beta_2=0.98, ema_decay=0.5)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 4, *MICRO.image_shape)).astype(np.float32)
+    y = rng.uniform(-1, 1, (5, 4, *MICRO.image_shape)).astype(np.float32)
+    results = []
+    for per_call in (1, 5):
+        trainer = Trainer(strategy, lambda: UNet(MICRO), opt,
+                          lambda m, a, b, step: student_loss(m, a, b, "l1"),
+                          str(tmp_path / str(per_call)), global_batch=4)
+        trainer.init_from(model_with(MICRO, MICRO_PARAMS))
+        it = iter(tf.data.Dataset.from_tensor_slices((x, y)))
+        losses = ([float(trainer.train_step(next(it))) for _ in range(5)] if per_call == 1
+                  else [float(trainer.train_steps(it, 5))])
+        results.append((sum(losses), {k: v.numpy() for k, v in official_variables(trainer.model).items()},
+                        {k: v.numpy() for k, v in official_variables(trainer.ema).items()},
+                        trainer.step))
+    (l1, w1, e1, s1), (l5, w5, e5, s5) = results
+    assert s1 == s5 == 5 and l5 == pytest.approx(l1, rel=1e-6)
+    for k in w1:
+        assert w1[k].tobytes() == w5[k].tobytes() and e1[k].tobytes() == e5[k].tobytes(), k
+    assert not np.allclose(w1["conv_in/W"], MICRO_PARAMS["conv_in/W"])
+
+
 def test_adam_follows_the_closed_form_in_and_out_of_a_graph():
     """FusedAdam (Keras Adam's variables, TensorFlow's fused kernel) against Adam written out in
     NumPy (Kingma & Ba, Algorithm 1 with the bias corrections folded into the step size) over four
@@ -172,7 +199,8 @@ def test_two_replicas_killed_and_resumed_on_one_end_with_the_same_pairs_and_weig
     args.remove("--no_generate")
     ckpts, deadline = run / "checkpoints", time.time() + 600
     with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, *args, "--cpu_replicas", "2"], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, *args, "--cpu_replicas", "2", "--steps_per_call", "1"],
+                                cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=stderr,
                                 env={**os.environ, "PYTHONPATH": ROOT})
         # killed once the checkpoint state names ckpt-2 (written after ckpt-2's files are complete)

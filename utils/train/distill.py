@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from data.shards import batches, dequantise_targets, heldout_batches, open_pair_set, steps_per_epoch
+from data.shards import (PairReader, dequantise_targets, heldout_batches, open_pair_set,
+                         steps_per_epoch)
 from models.configs import CKPT_EVERY, DatasetConfig, TrainConfig
 from models.diffusion import student_fn, student_loss
 from models.unet import UNet
@@ -26,7 +27,7 @@ from models.weights import load_unet
 from utils import fileio
 from utils.errors import UserError
 from utils.strategy import worker_info
-from utils.train.loop import Stage, replica_specs, save_run_config
+from utils.train.loop import Stage, save_run_config
 
 MUST_MATCH_ON_RESUME = ("dataset", "batch_size", "grad_accum", "loss", "seed", "bf16")
 N_SAMPLES = 64
@@ -44,6 +45,7 @@ class StudentSettings:
     xla: bool = True
     ckpt_every: int = CKPT_EVERY
     n_eval: int | None = None  # held-out pairs scored at each checkpoint (None: all)
+    steps_per_call: int = 1  # optimizer steps per compiled call (the host reads back once per call)
 
     def flat(self) -> dict:
         """One level of keys, as config.json has always held them (a resumed run compares them)."""
@@ -84,7 +86,8 @@ def train_student(cfg: DatasetConfig, s: StudentSettings, strategy: tf.distribut
     total = int(math.ceil(tr.epochs * per_epoch))
     stage = Stage(
         strategy, savedir, lambda: UNet(net, compute_dtype="bfloat16" if s.bf16 else "float32"),
-        tr.optim, lambda model, x, y, step: student_loss(model, x, y, tr.loss),
+        tr.optim, lambda model, x, y, step: student_loss(model, tf.cast(x, tf.float32),
+                                                         dequantise_targets(y), tr.loss),
         global_batch=tr.batch_size, grad_accum=s.grad_accum, total_steps=total, xla=s.xla,
         make_sampler=student_fn,
         noise=tf.random.stateless_normal([N_SAMPLES, *shape], seed=[s.seed, 12345]))
@@ -117,15 +120,14 @@ def train_student(cfg: DatasetConfig, s: StudentSettings, strategy: tf.distribut
     if not stage.resumed:
         checkpoint(0)  # the teacher-initialised student's held-out loss: the baseline
         trainer.manager.save(checkpoint_number=0)
+    reader = PairReader(pairs, tr.batch_size, s.seed)
+    per_replica = tr.batch_size // strategy.num_replicas_in_sync
     step = stage.run(
         steps_per_epoch=per_epoch,
-        make_batches=lambda epoch, start, w, n: batches(pairs, tr.batch_size, epoch, s.seed, start,
-                                                        (w, n)),
-        specs=replica_specs(tr.batch_size // strategy.num_replicas_in_sync,
-                            (shape, tf.float32), (shape, tf.uint8)),
-        transform=lambda x, y: (x, dequantise_targets(y)),
+        make_dataset=lambda epoch, start, ctx: reader.dataset(
+            epoch, start, (ctx.input_pipeline_id, ctx.num_input_pipelines), per_replica),
         on_checkpoint=checkpoint, ckpt_every=s.ckpt_every, desc=f"student ({cfg.name})",
-        progress=progress)
+        progress=progress, steps_per_call=s.steps_per_call)
     best = os.path.join(savedir, "best")
     if stage.chief and fileio.isdir(best):
         print(f"best held-out loss {float(trainer.best_heldout.numpy()):.6g}: {best}")

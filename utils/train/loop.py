@@ -8,7 +8,6 @@ The caller supplies the per-example loss and what is its own; everything else is
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -189,74 +188,114 @@ class Trainer:
         for e, w in zip(official_variables(self.ema).values(), official_variables(self.model).values()):
             e.value.assign_sub(rate * (e.value - w.value))
 
-    @tf.function(autograph=False)
-    def _distributed_step(self, batch):
+    def _one_step(self, batch) -> tf.Tensor:
+        """One optimizer update on every replica, then the EMA update; the summed loss."""
         losses = self.strategy.run(self._replica_step, args=batch)
         # Cross-replica context: the same value lands on every replica. Kept out of the XLA step:
         # fused into it, the EMA cost 26 ms a step on the tiny config (bench/train_step.py), here 4.
         self._update_ema()
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
+    @tf.function(autograph=False)
+    def _distributed_step(self, batch):
+        return self._one_step(batch)
+
+    @tf.function(autograph=False)
+    def _distributed_steps(self, iterator, n):
+        """n updates in one call: the host waits once per call, not once per step. The same
+        ops in the same order as n calls of train_step (a while-loop body keeps program order)."""
+        def body(i, total):
+            return i + 1, total + self._one_step(iterator.get_next())
+        _, total = tf.while_loop(lambda i, _: i < n, body, [tf.constant(0), tf.constant(0.0)])
+        return total
+
     def train_step(self, batch) -> tf.Tensor:
         return self._distributed_step(batch)
 
+    def train_steps(self, iterator, n: int) -> tf.Tensor:
+        """n steps from a distributed iterator in one compiled call; the sum of their losses."""
+        return self._distributed_steps(iterator, tf.constant(n, tf.int32))
 
-def distributed_batches(strategy: tf.distribute.Strategy, make_batches: Callable[[int, int], Iterator],
-                        specs: tuple[tf.TensorSpec, ...], transform: Callable | None = None):
-    """A distributed dataset over Python-made batches. make_batches(worker, n_workers) yields this
-    worker's part of each global batch as a tuple of numpy arrays; `specs` give one replica's share
-    (so the replica batch is specs[0].shape[0]). Each worker part is split among its local replicas."""
+
+def generator_dataset(make_batches: Callable[[], Iterator], specs: tuple[tf.TensorSpec, ...],
+                      local_replicas: int) -> tf.data.Dataset:
+    """A host's dataset of per-replica batches from a Python generator of host batches (tuples
+    of numpy arrays), each split into `local_replicas` consecutive elements. For small in-memory
+    data (the teacher's images); the pairs are read by data.shards.PairReader, natively."""
     per_replica = specs[0].shape[0]
 
-    def dataset_fn(ctx: tf.distribute.InputContext):
-        def gen():
-            local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-            for arrays in make_batches(ctx.input_pipeline_id, ctx.num_input_pipelines):
-                for r in range(local):  # consecutive elements go to consecutive local replicas
-                    yield tuple(a[r * per_replica:(r + 1) * per_replica] for a in arrays)
-        ds = tf.data.Dataset.from_generator(gen, output_signature=specs)
+    def gen():
+        for arrays in make_batches():
+            for r in range(local_replicas):  # consecutive elements go to consecutive replicas
+                yield tuple(a[r * per_replica:(r + 1) * per_replica] for a in arrays)
+    return tf.data.Dataset.from_generator(gen, output_signature=specs)
+
+
+DatasetFn = Callable[[int, int, tf.distribute.InputContext], tf.data.Dataset]
+"""(epoch, start step, input context) -> this host's per-replica batches from that point on."""
+
+
+def distributed_dataset(strategy: tf.distribute.Strategy, make: DatasetFn, epoch: int, start: int,
+                        transform: Callable | None = None):
+    """Per-host input (distribute_datasets_from_function): each host builds and reads its own
+    part of every global batch. A single replica reads its dataset directly: the distribution
+    wrapper cost 3.5x the pairs/s of the native reader on a 2-core CPU (bench/reader.py)."""
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        ds = make(epoch, start, ctx)
         if transform is not None:
             ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.prefetch(2)
-    options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+    if strategy.num_replicas_in_sync == 1:  # one replica, so one host
+        return dataset_fn(tf.distribute.InputContext())
+    # On accelerators the batches are copied to the device ahead of the step; on a CPU that copy
+    # would be one more pass over every batch for nothing.
+    on_cpu = all("CPU" in d.upper() for d in strategy.extended.worker_devices)
+    options = tf.distribute.InputOptions(experimental_fetch_to_device=not on_cpu)
     return strategy.distribute_datasets_from_function(dataset_fn, options)
 
 
-def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int,
-             run_data: Callable[[int, int, int], object], ckpt_every: int,
+def call_length(step: int, step_in_epoch: int, *, total_steps: int, steps_per_epoch: int,
+                ckpt_every: int, steps_per_call: int) -> int:
+    """Steps in the next call: at most steps_per_call, cut short at the next checkpoint, epoch
+    end or the run's end, so these fall on the same steps whatever steps_per_call is."""
+    return min(steps_per_call, total_steps - step, steps_per_epoch - step_in_epoch,
+               ckpt_every - step % ckpt_every)
+
+
+def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int, data, ckpt_every: int,
              on_checkpoint: Callable[[int], None], logger: "Logger", desc: str,
-             progress: bool = True, ckpt_at_epoch_end: bool = True) -> int:
-    """Train until `total_steps`, resuming at the trainer's saved position. run_data(epoch, start,
-    n) gives the run's next n distributed batches, from step `start` of that epoch on: one iterator
-    for the whole run, used up to its end (on a busy machine, a tf.data iterator let go at each
-    epoch end waited about 2 s for its threads). Every `ckpt_every` steps, at each epoch end
-    (unless ckpt_at_epoch_end is off: tiny epochs) and at the end, on_checkpoint(step) is called
-    and then a checkpoint saved."""
+             progress: bool = True, ckpt_at_epoch_end: bool = True, steps_per_call: int = 1) -> int:
+    """Train until `total_steps`, resuming at the trainer's saved position, reading `data` (the
+    distributed batches from that position on; one iterator for the whole run). Every
+    `ckpt_every` steps, at each epoch end (unless ckpt_at_epoch_end is off: tiny epochs) and at
+    the end, on_checkpoint(step) is called and then a checkpoint saved. Up to `steps_per_call`
+    steps run in one compiled call (see call_length)."""
     step = trainer.step
     bar = progress_bar(total_steps, step, desc, not progress)
-    speed, running = Throughput(), []
-    if step < total_steps:
-        data = run_data(int(trainer.epoch.numpy()), int(trainer.step_in_epoch.numpy()),
-                        total_steps - step)
-        for batch in data:
-            loss = float(trainer.train_step(batch))
-            step += 1
-            trainer.step_in_epoch.assign_add(1)
-            running.append(loss)
-            speed.add(trainer.global_batch)
-            end_of_epoch = int(trainer.step_in_epoch.numpy()) == steps_per_epoch
-            if end_of_epoch:
-                trainer.epoch.assign_add(1)
-                trainer.step_in_epoch.assign(0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}")
-            if step % ckpt_every == 0 or (end_of_epoch and ckpt_at_epoch_end) or step == total_steps:
-                logger.scalars(step, train_loss=float(np.mean(running)),
-                               examples_per_s=speed.read(),
-                               learning_rate=float(trainer.optimizer.learning_rate))
-                running = []
-                on_checkpoint(step)  # may update state that is saved (the best held-out loss)
-                trainer.manager.save(checkpoint_number=step)
+    speed, loss_sum, loss_steps = Throughput(), 0.0, 0
+    iterator = iter(data) if step < total_steps else None
+    while step < total_steps:
+        n = call_length(step, int(trainer.step_in_epoch.numpy()), total_steps=total_steps,
+                        steps_per_epoch=steps_per_epoch, ckpt_every=ckpt_every,
+                        steps_per_call=steps_per_call)
+        total = float(trainer.train_steps(iterator, n) if n > 1
+                      else trainer.train_step(next(iterator)))
+        step += n
+        trainer.step_in_epoch.assign_add(n)
+        loss_sum, loss_steps = loss_sum + total, loss_steps + n
+        speed.add(n * trainer.global_batch)
+        end_of_epoch = int(trainer.step_in_epoch.numpy()) == steps_per_epoch
+        if end_of_epoch:
+            trainer.epoch.assign_add(1)
+            trainer.step_in_epoch.assign(0)
+        bar.update(n)
+        bar.set_postfix(loss=f"{total / n:.4g}")
+        if step % ckpt_every == 0 or (end_of_epoch and ckpt_at_epoch_end) or step == total_steps:
+            logger.scalars(step, train_loss=loss_sum / loss_steps, examples_per_s=speed.read(),
+                           learning_rate=float(trainer.optimizer.learning_rate))
+            loss_sum, loss_steps = 0.0, 0
+            on_checkpoint(step)  # may update state that is saved (the best held-out loss)
+            trainer.manager.save(checkpoint_number=step)
     bar.close()
     return step
 
@@ -299,27 +338,19 @@ class Stage:
         if self.chief:
             save_converted(self.trainer.ema, folder, meta, replace=True)
 
-    def run(self, *, steps_per_epoch: int, make_batches: Callable[[int, int, int, int], Iterator],
-            specs: tuple[tf.TensorSpec, ...], on_checkpoint: Callable[[int], None], ckpt_every: int,
-            desc: str, progress: bool, transform: Callable | None = None,
-            ckpt_at_epoch_end: bool = True) -> int:
-        """Train to total_steps; make_batches(epoch, start, worker, n_workers) yields this worker's
-        part of each global batch of an epoch from step `start` on. Returns the last step."""
-        strategy = self.trainer.strategy
-
-        def run_batches(epoch: int, start: int, worker: int, n_workers: int) -> Iterator:
-            for e in itertools.count(epoch):
-                yield from make_batches(e, start if e == epoch else 0, worker, n_workers)
-
-        def run_data(epoch: int, start: int, n_steps: int):
-            return distributed_batches(
-                strategy, lambda w, n: itertools.islice(run_batches(epoch, start, w, n), n_steps),
-                specs, transform)
-        step = run_loop(self.trainer, total_steps=self.total_steps,
-                        steps_per_epoch=steps_per_epoch, run_data=run_data,
-                        ckpt_every=ckpt_every, on_checkpoint=on_checkpoint, logger=self.logger,
-                        desc=desc, progress=progress and self.chief,
-                        ckpt_at_epoch_end=ckpt_at_epoch_end)
+    def run(self, *, steps_per_epoch: int, make_dataset: DatasetFn,
+            on_checkpoint: Callable[[int], None], ckpt_every: int, desc: str, progress: bool,
+            transform: Callable | None = None, ckpt_at_epoch_end: bool = True,
+            steps_per_call: int = 1) -> int:
+        """Train to total_steps on make_dataset(epoch, start, ctx): this host's per-replica
+        batches from step `start` of `epoch` on. Returns the last step."""
+        trainer = self.trainer
+        data = distributed_dataset(trainer.strategy, make_dataset, int(trainer.epoch.numpy()),
+                                   int(trainer.step_in_epoch.numpy()), transform)
+        step = run_loop(trainer, total_steps=self.total_steps, steps_per_epoch=steps_per_epoch,
+                        data=data, ckpt_every=ckpt_every, on_checkpoint=on_checkpoint,
+                        logger=self.logger, desc=desc, progress=progress and self.chief,
+                        ckpt_at_epoch_end=ckpt_at_epoch_end, steps_per_call=steps_per_call)
         if not self.chief:
             shutil.rmtree(self.trainer.savedir, ignore_errors=True)
         return step

@@ -6,6 +6,7 @@ al. 2020) trained on real images with the same engine as the student (utils/trai
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -17,7 +18,7 @@ from models.unet import UNet
 from models.weights import META_FILE
 from utils import fileio
 from utils.errors import UserError
-from utils.train.loop import Stage, replica_specs
+from utils.train.loop import Stage, generator_dataset, replica_specs
 
 TEACHER_DIR, TEACHER_RUN = "teacher", "teacher_run"
 N_SAMPLES = 64
@@ -47,7 +48,7 @@ def trained_teacher(savedir: str) -> str | None:
 def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribute.Strategy,
                   savedir: str, seed: int = 0, steps: int | None = None, xla: bool = True,
                   progress: bool = True, source: str = "", ckpt_every: int | None = None,
-                  command: str | None = None) -> str:
+                  command: str | None = None, steps_per_call: int = 1) -> str:
     """Train (or resume training) the teacher with the dataset's recipe (DDPM's if it has none);
     returns the folder of its exported EMA weights. Checkpoints (with a DDIM sample grid) come
     every `ckpt_every` steps; by default ten times a run, at most CKPT_EVERY steps apart."""
@@ -71,14 +72,23 @@ def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribut
         stage.sample_grid(step, "teacher_ddim_samples")
         stage.export(os.path.join(run_dir, "last"), {**provenance, "step": step})
 
+    specs = replica_specs(tt.batch_size // strategy.num_replicas_in_sync,
+                          (shape, tf.float32), (shape, tf.float32), ((), tf.int32))
+
+    def make_dataset(epoch: int, start: int, ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        part = (ctx.input_pipeline_id, ctx.num_input_pipelines)
+
+        def host_batches():  # this epoch from `start` on, then the next epochs from their start
+            for e in itertools.count(epoch):
+                yield from teacher_batches(images, tt.batch_size, e, seed, start if e == epoch else 0,
+                                           part, cfg.sampler.num_timesteps)
+        local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        return generator_dataset(host_batches, specs, local)
+
     step = stage.run(
-        steps_per_epoch=per_epoch,
-        make_batches=lambda epoch, start, w, n: teacher_batches(
-            images, tt.batch_size, epoch, seed, start, (w, n), cfg.sampler.num_timesteps),
-        specs=replica_specs(tt.batch_size // strategy.num_replicas_in_sync,
-                            (shape, tf.float32), (shape, tf.float32), ((), tf.int32)),
-        on_checkpoint=checkpoint, ckpt_every=ckpt_every or min(max(total // 10, 1), CKPT_EVERY),
-        desc=f"teacher ({cfg.name})", progress=progress,
+        steps_per_epoch=per_epoch, make_dataset=make_dataset, on_checkpoint=checkpoint,
+        ckpt_every=ckpt_every or min(max(total // 10, 1), CKPT_EVERY),
+        desc=f"teacher ({cfg.name})", progress=progress, steps_per_call=steps_per_call,
         ckpt_at_epoch_end=False)  # small data sets make epochs of a few steps
     out = os.path.join(savedir, TEACHER_DIR)
     stage.export(out, {**provenance, "step": step})
