@@ -1,16 +1,18 @@
-"""Sample from and measure a Denoising Student.
+"""Sample from, measure and export a Denoising Student.
 
-    python eval.py figures ./figures digits --n_images 49      # a 7x7 grid, in seconds, on a CPU
-    python eval.py figures ./figures cifar10 --n_images 49     # needs the released students
-    python eval.py tofolder ./imgs lsun_church                 # one PNG per image (resumable)
-    python eval.py interpolate ./figures digits                # slerp between noise vectors
-    python eval.py fid cifar10 --images ./imgs --inception classify_image_graph_def.pb
-    python eval.py speed cifar10                               # student vs DDIM teacher, img/s
-    python eval.py info cifar10                                # settings and parameter count
+    python eval.py figures ./figures digits --n_images 49       # a 7x7 grid, in seconds, on a CPU
+    python eval.py figures ./figures cifar10 --n_images 49      # needs the released students
+    python eval.py tofolder ./imgs lsun_church                   # one PNG per image; resumes if killed
+    python eval.py interpolate ./figures celeba                  # slerp between noise vectors
+    python eval.py speed cifar10                                 # student vs DDIM teacher, img/s
+    python eval.py info cifar10                                  # settings; parameters: 35,746,307
+    python eval.py fid cifar10 --images ./imgs --reference cifar10_train.npz
+    python eval.py export ./export/cifar10_hf cifar10 --format diffusers   # UNet2DModel for PyTorch
 
---model_dir takes a training run (SAVEDIR), a converted checkpoint, or the folder holding the
-original release's {dataset}_ema_model.h5 (default ./denoising_student_models; for digits, the
-student shipped in models/pretrained/digits).
+--model_dir takes a training run (SAVEDIR), a converted checkpoint, a diffusers folder, or the folder
+holding the original release's {dataset}_ema_model.h5 (default ./denoising_student_models; for
+digits, the student shipped in models/pretrained/digits). `python eval.py COMMAND --help` for
+each command's options.
 """
 from __future__ import annotations
 
@@ -32,16 +34,38 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser, n_images: int | None = 20,
                    n_help: str = "how many images") -> None:
-    p.add_argument("--n_images", type=positive_int, default=n_images, help=n_help)
-    p.add_argument("--batch_size", type=positive_int, default=20, help="images per network call")
-    p.add_argument("--seed", type=seed_int, default=0, help="same seed, same images (bit for bit)")
-    p.add_argument("--model_dir", default=None, type=weights_path,
-                   help="training run, converted checkpoint, or folder with {dataset}_ema_model.h5")
-    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the network with XLA")
-    p.add_argument("--sampler", choices=["student", "teacher"], default="student",
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n_images", type=positive_int, default=n_images, help=n_help)
+    g.add_argument("--batch_size", type=positive_int, default=20, help="images per network call")
+    g.add_argument("--seed", type=seed_int, default=0, help="same seed, same images (bit for bit)")
+    g.add_argument("--model_dir", default=None, type=weights_path,
+                   help="training run, converted checkpoint, diffusers folder, or folder with "
+                        "{dataset}_ema_model.h5")
+    g.add_argument("--sampler", choices=["student", "teacher"], default="student",
                    help="one-step student (default), or the DDIM teacher loop run on the weights "
                         "(for comparisons; digits: the shipped teacher)")
+    _arithmetic_args(p)
+
+
+def _arithmetic_args(p: argparse.ArgumentParser, xla_help: str = "compile the network with XLA",
+                     bf16_help: str = "bfloat16 arithmetic, the same noise: oneDNN's mixed "
+                                      "precision on a CPU (no XLA then), the compute dtype on a "
+                                      "GPU or TPU (off by default)") -> None:
+    g = p.add_argument_group("arithmetic")
+    g.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True, help=xla_help)
+    g.add_argument("--bf16", action="store_true", help=bf16_help)
+
+
+def _precision(args) -> tuple[str, bool]:
+    """(the network's compute dtype, whether to XLA-compile it) for --bf16 / --xla."""
+    if not getattr(args, "bf16", False):
+        return "float32", args.xla
+    from utils.precision import ONEDNN, enable_bf16
+    if enable_bf16() == ONEDNN:
+        print("bf16: oneDNN mixed precision (a graph rewrite: the network runs without XLA)")
+        return "float32", False
+    print("bf16: the network's compute dtype")
+    return "bfloat16", args.xla
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output folder (created if missing)")
         _dataset_arg(p)
         _sampling_args(p)
-        p.add_argument("--zoom", type=positive_int, default=None,
+        g = p.add_argument_group("output")
+        g.add_argument("--zoom", type=positive_int, default=None,
                        help="save the grid k times larger, pixels repeated (default: the dataset's, "
                             "digits 4, others 1)")
         if name == "interpolate":
-            p.add_argument("--n_rows", type=positive_int, default=4, help="pairs of endpoints")
-            p.add_argument("--n_steps", type=positive_int, default=8, help="images per row")
+            g.add_argument("--n_rows", type=positive_int, default=4, help="pairs of endpoints")
+            g.add_argument("--n_steps", type=positive_int, default=8, help="images per row")
     p = sub.add_parser(
         "fid", help="Frechet Inception Distance of samples, a folder or the real images",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=FID_HELP)
@@ -93,14 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "reuse as --reference FILE.npz")
     g.add_argument("--fid_batch", type=positive_int, default=50,
                    help="images per Inception call (default 50)")
-    p = sub.add_parser("speed", help="images/s of the student and of the DDIM teacher")
+    p = sub.add_parser("speed", help="images/s of the student and of the DDIM teacher",
+                       description="images/s of the student and of the DDIM teacher")
     _dataset_arg(p)
-    p.add_argument("--batch_size", type=positive_int, default=64)
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs (the best counts)")
-    p.add_argument("--model_dir", default=None, type=weights_path,
-                   help="student weights (random weights if none)")
-    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True)
-    p = sub.add_parser("info", help="a dataset's settings, parameter count and sampler cost")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--batch_size", type=positive_int, default=64, help="images per call")
+    g.add_argument("--repeats", type=positive_int, default=3, help="timed runs (the best counts)")
+    g.add_argument("--model_dir", default=None, type=weights_path,
+                   help="student weights (random weights if none: the cost depends only on the "
+                        "architecture)")
+    _arithmetic_args(p, bf16_help="also time the student in bfloat16 (see figures --help), "
+                                  "against float32 in the same run")
+    p = sub.add_parser("info", help="a dataset's settings, parameter count and sampler cost",
+                       description="a dataset's settings, parameter count and sampler cost")
     _dataset_arg(p)
     from utils.evaluate.export import DEFAULT_SIGNATURE, TFLITE_VARIANTS
     p = sub.add_parser("export", help="the student for serving: SavedModel and TFLite, or diffusers",
@@ -115,18 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "\nDIR must be new or empty: an export is never overwritten."))
     p.add_argument("savedir", metavar="DIR", type=output_dir, help="output folder (new, or empty)")
     _dataset_arg(p)
-    p.add_argument("--model_dir", default=None, type=weights_path,
-                   help="training run, converted checkpoint, or folder with {dataset}_ema_model.h5")
-    p.add_argument("--format", choices=("tf", "diffusers"), default="tf",
+    g = p.add_argument_group("what is exported")
+    g.add_argument("--model_dir", default=None, type=weights_path,
+                   help="training run, converted checkpoint, diffusers folder, or folder with "
+                        "{dataset}_ema_model.h5")
+    g.add_argument("--format", choices=("tf", "diffusers"), default="tf",
                    help="tf (default): SavedModel and TFLite; diffusers: a UNet2DModel folder "
                         "(config.json, safetensors) for PyTorch")
-    p.add_argument("--tflite", choices=TFLITE_VARIANTS, default=None,
+    g.add_argument("--tflite", choices=TFLITE_VARIANTS, default=None,
                    help="TFLite weights: float32 (default), fp16, or int8 (dynamic-range: "
                         "activations quantised on the fly); --format tf only")
-    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
-                   help="XLA-compile the SavedModel's network, as eval does by default (samples "
-                        "bit-identical to tofolder with the same flag; TF Serving then needs "
-                        "--xla_cpu_compilation_enabled=true)")
+    _arithmetic_args(
+        p, xla_help="XLA-compile the SavedModel's network, as eval does by default (samples "
+                    "bit-identical to tofolder with the same flag; TF Serving then needs "
+                    "--xla_cpu_compilation_enabled=true)",
+        bf16_help="the SavedModel computes in bfloat16 (its compute dtype: what a GPU, a TPU or a "
+                  "oneDNN CPU with bfloat16 units runs fast); --format tf only")
     return parser
 
 
@@ -144,16 +178,17 @@ def _sampler(args, cfg):
     """The sampling function: the student's one step, or (--sampler teacher) the DDIM loop."""
     from models.diffusion import ddim_fn, student_fn
     from utils.evaluate.sampling import load_student
+    dtype, xla = _precision(args)
     if args.sampler == "teacher":
         from models.weights import load_unet
         from utils.evaluate.sampling import default_teacher
-        model, weights = load_unet(args.model_dir or default_teacher(cfg), cfg)
+        model, weights = load_unet(args.model_dir or default_teacher(cfg), cfg, compute_dtype=dtype)
         print(f"teacher (DDIM, {cfg.sampler.steps} {cfg.sampler.skip_type} steps): "
               f"{weights.describe()}")
-        return ddim_fn(model, cfg.sampler, args.xla)
-    model, weights = load_student(args.model_dir, cfg)
+        return ddim_fn(model, cfg.sampler, xla)
+    model, weights = load_student(args.model_dir, cfg, compute_dtype=dtype)
     print(f"student: {weights.describe()}")
-    return student_fn(model, args.xla)
+    return student_fn(model, xla)
 
 
 def cmd_figures(args, cfg) -> None:
@@ -386,7 +421,8 @@ def cmd_speed(args, cfg) -> None:
     bare = tf.function(lambda v: model(v, tf.fill([tf.shape(v)[0]], STUDENT_T)),
                        jit_compile=args.xla)
     s_bare = best_seconds(bare, z, args.repeats)
-    s_student = best_seconds(student_fn(model, args.xla), z, args.repeats)
+    student = student_fn(model, args.xla)
+    s_student = best_seconds(student, z, args.repeats)
     teacher = ddim_fn(model, cfg.sampler, args.xla)  # same network, so the same cost per call
     s_teacher = best_seconds(teacher, z, max(1, args.repeats - 2))
     calls = ddim_plan(cfg.sampler).n_calls
@@ -396,6 +432,16 @@ def cmd_speed(args, cfg) -> None:
     print(f"student (1 call):       {b / s_student:10.2f} img/s ({s_bare / s_student:.3f}x bare)")
     print(f"teacher ({calls} calls):  {b / s_teacher:10.2f} img/s")
     print(f"student / teacher:      {s_teacher / s_student:10.1f}x faster")
+    if args.bf16:  # the same student again in bfloat16, in this process: the ratio
+        dtype, xla = _precision(args)
+        fast = UNet(model.cfg, compute_dtype=dtype)
+        for a, c in zip(fast.weights, model.weights):
+            a.assign(c)
+        fast_student = student_fn(fast, xla)
+        s_bf16 = best_seconds(fast_student, z, args.repeats)
+        drift = np.abs(fast_student(z).numpy() - student(z).numpy())
+        print(f"student, bfloat16:      {b / s_bf16:10.2f} img/s ({s_student / s_bf16:.2f}x float32; "
+              f"largest output difference {drift.max():.3g})")
 
 
 def cmd_info(args, cfg) -> None:
@@ -423,15 +469,20 @@ def cmd_info(args, cfg) -> None:
 def cmd_export(args, cfg) -> None:
     from utils.evaluate.export import export, export_diffusers, require_new_dir
     from utils.evaluate.sampling import load_student
-    if args.format == "diffusers" and args.tflite:
-        raise UserError("--tflite applies to --format tf only")
+    if args.format == "diffusers" and (args.tflite or args.bf16):
+        raise UserError(f"{'--tflite' if args.tflite else '--bf16'} applies to --format tf only"
+                        + ("" if args.tflite else " (diffusers: load with torch_dtype=torch.bfloat16)"))
     require_new_dir(args.savedir)  # before the weights are loaded: a refusal is instant
     model, weights = load_student(args.model_dir, cfg)
     print(f"student: {weights.describe()}")
+    if args.bf16:
+        print("bf16: the SavedModel's network computes in bfloat16 (the TFLite model stays as "
+              "--tflite says)")
     if args.format == "diffusers":
         files = export_diffusers(args.savedir, model, weights, cfg)
     else:
-        files = export(args.savedir, model, weights, cfg, args.tflite or "float32", args.xla)
+        files = export(args.savedir, model, weights, cfg, args.tflite or "float32", args.xla,
+                       bf16=args.bf16)
     print(f"wrote {args.savedir}: {', '.join(files)}")
 
 

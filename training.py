@@ -1,14 +1,16 @@
 """Distil a diffusion teacher into a one-step Denoising Student.
 
-    python training.py cifar10 ./ckpt                     # pairs (if missing), then the student
-    python training.py cifar10 ./ckpt --generate_only     # stage 1 only: the teacher's pairs
-    python training.py digits ./ckpt                      # distil the shipped digits teacher (CPU)
-    python training.py digits ./ckpt --teacher_dataset digits   # train the teacher too (~1 h)
+    python training.py cifar10 ./ckpt                    # the pairs into ./datasets/cifar10, then the student
+    python training.py cifar10 ./ckpt --generate_only    # stage 1 only: the teacher's pairs
+    python training.py cifar10 ./ckpt --teacher teachers/ddpm-cifar10-32
+    python training.py digits ./ckpt                     # distil the shipped digits teacher (CPU)
+    python training.py digits ./ckpt --teacher_dataset digits   # train the teacher too
 
 Stage 0 (--teacher_dataset, or a dataset with neither a pretrained nor a shipped teacher) trains a
-DDPM teacher on real images into SAVEDIR/teacher. Stage 1 writes the teacher's (X_T, F_teacher(X_T)) pairs to --datadir (default ./datasets/DATASET)
-and never regenerates what is complete; stage 2 trains the student on them under the chosen
-tf.distribute strategy. Everything resumes where it stopped when run again with the same command.
+DDPM teacher on real images into SAVEDIR/teacher. Stage 1 writes the teacher's (X_T, F_teacher(X_T))
+pairs to --datadir (default ./datasets/DATASET) and never regenerates what is complete; stage 2
+trains the student on them under the chosen tf.distribute strategy. Everything resumes where it
+stopped when run again with the same command.
 """
 from __future__ import annotations
 
@@ -74,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the CPU into N logical replicas (for trying multi-replica code)")
     d.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the teacher loop and the training step with XLA")
-    d.add_argument("--steps_per_call", type=positive_int, default=8,
+    d.add_argument("--steps_per_call", type=positive_int, default=1,
                    help="optimizer steps per compiled call: the host waits for the devices once "
                         "per call; calls stop short at checkpoints and epoch ends, so the weights "
-                        "are the same for any value (default 8: 1.35x the steps/s of 1 for the tiny "
-                        "config on 2 CPU cores, bench/reader.py)")
+                        "are the same for any value. Default 1: on 2 CPU cores 8 gave 0.93-1.05x "
+                        "the steps/s (bench/reader.py); raise it where steps are short against the "
+                        "host round trip (TPUs, fast GPUs)")
     d.add_argument("--no_progress", action="store_true", help="no progress bars")
     t = p.add_argument_group("student training (stage 2; defaults: the paper's, per dataset)")
     add_flags(t, TrainConfig)  # --batch_size --loss --epochs
@@ -92,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n_eval", type=positive_int, default=None,
                    help="held-out pairs scored at each checkpoint (default: all)")
     t.add_argument("--bf16", action="store_true",
-                   help="bfloat16 compute (mixed precision; the paper used float32)")
+                   help="bfloat16 arithmetic (the paper used float32) for the teacher's pairs "
+                        "(oneDNN's mixed precision on a CPU, the compute dtype on a GPU or TPU; "
+                        "recorded in the pair set's manifest) and the student's training (its "
+                        "compute dtype)")
     return p
 
 
@@ -153,12 +159,21 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
                             and any(f.startswith("y_train_") for f in fileio.listdir(folder))):
         open_pair_set(folder, shape)  # ours complete, or the original's layout: use as is
         return folder
+    dtype, xla = "float32", args.xla
+    if args.bf16:
+        from utils.precision import ONEDNN, enable_bf16
+        onednn = enable_bf16() == ONEDNN
+        dtype, xla = ("float32", False) if onednn else ("bfloat16", args.xla)
+        print(f"bf16: the teacher's pairs in bfloat16 ("
+              f"{'oneDNN mixed precision, no XLA' if onednn else 'its compute dtype'})")
     with strategy.scope():
-        teacher, weights = load_unet(teacher_path, cfg, ema=not args.raw_teacher)
+        teacher, weights = load_unet(teacher_path, cfg, ema=not args.raw_teacher,
+                                     compute_dtype=dtype)
     print(f"teacher: {weights.describe()}")
     settings = settings_for(cfg, seed=args.seed, n_examples=args.n_examples,
                             shard_size=args.shard_size, n_test=args.n_test, compact=args.compact,
-                            fewer=args.use_fewer_lsun_examples, teacher_sha256=weights.sha256)
+                            fewer=args.use_fewer_lsun_examples, teacher_sha256=weights.sha256,
+                            precision="bfloat16" if args.bf16 else "float32")
     gen_batch = (args.gen_batch_size or cfg.pairs.gen_batch_size
                  or 2 * student_settings(args, cfg).train.batch_size)
     preview_path = os.path.join(folder, "preview.png")
@@ -167,8 +182,13 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
         if not fileio.exists(preview_path):
             save_png(preview_path, make_grid(to_uint8(images[:64])))
     worker = worker_info()
-    generate_pairs(folder, settings, make_teacher_fn(teacher, cfg, strategy, args.xla), gen_batch,
-                   worker=worker, progress=not args.no_progress, preview=preview)
+    try:
+        generate_pairs(folder, settings, make_teacher_fn(teacher, cfg, strategy, xla), gen_batch,
+                       worker=worker, progress=not args.no_progress, preview=preview)
+    finally:
+        if args.bf16:  # the student trains by its compute dtype, never by the CPU's graph rewrite
+            from utils.precision import disable_bf16
+            disable_bf16()
     if worker[1] > 1:
         wait_until_complete(folder)
     return folder

@@ -27,6 +27,7 @@ survive a noisy machine better than the absolute figures.
     python bench/train_step.py                        # tiny and digits, batch 32, XLA off and on
     python bench/train_step.py --datasets cifar10 --steps 3 --batch 32 --rounds 1 --xla on
     python bench/train_step.py --datasets tiny --steps 2 --rounds 1 --xla off     # smoke test
+    TF_ENABLE_ONEDNN_OPTS=1 python bench/train_step.py --datasets digits --xla off --no-bf16 --onednn_amp
 """
 from __future__ import annotations
 
@@ -190,7 +191,14 @@ def main() -> None:
                    help="XLA for our step and for fit (jit_compile); both: measure each")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="also time our step with bfloat16 compute (one more compilation)")
+    p.add_argument("--onednn_amp", action="store_true",
+                   help="run every setting under oneDNN's bfloat16 graph rewrite (--bf16's CPU path "
+                        "for sampling; start with TF_ENABLE_ONEDNN_OPTS=1), to compare against a run "
+                        "without it; plain graphs only (--xla off)")
     args = p.parse_args()
+    if args.onednn_amp:
+        from utils.precision import ONEDNN, enable_bf16
+        assert enable_bf16(accelerator=False) == ONEDNN, "start with TF_ENABLE_ONEDNN_OPTS=1"
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
           f"devices: {[d.name for d in tf.config.list_logical_devices()]}")
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.xla]

@@ -40,19 +40,20 @@ class PairSettings:
     image_shape: tuple[int, int, int]
     sampler: dict
     teacher_sha256: str | None
+    precision: str = "float32"  # the teacher's arithmetic: "float32" or "bfloat16" (--bf16)
 
 
 def settings_for(cfg: DatasetConfig, *, seed: int, n_examples: int | None = None,
                  shard_size: int | None = None, n_test: int | None = None,
                  compact: bool = False, fewer: bool = False,
-                 teacher_sha256: str | None = None) -> PairSettings:
+                 teacher_sha256: str | None = None, precision: str = "float32") -> PairSettings:
     p, net = cfg.pairs, cfg.network
     if n_examples is None:
         n_examples = p.n_examples_fewer if fewer and p.n_examples_fewer else p.n_examples
     return PairSettings(cfg.name, seed, n_examples, shard_size or p.shard_size,
                         p.n_test if n_test is None else n_test, compact,
                         net.image_shape,
-                        dataclasses.asdict(cfg.sampler), teacher_sha256)
+                        dataclasses.asdict(cfg.sampler), teacher_sha256, precision)
 
 
 def bytes_needed(s: PairSettings, shards: list[Shard]) -> int:
@@ -174,10 +175,15 @@ def _generate_shard(sh: Shard, s: PairSettings, teacher_fn, gen_batch: int, bar,
     return x, y
 
 
+# settings that sets written before they were recorded were made with
+RECORDED_LATER = {"precision": "float32"}
+
+
 def _check_same_settings(folder: str, manifest: dict, settings: dict) -> None:
     def norm(v):  # JSON turns tuples into lists
         return list(v) if isinstance(v, tuple) else v
-    diff = [k for k, v in settings.items() if norm(manifest.get(k)) != norm(v)]
+    diff = [k for k, v in settings.items()
+            if norm(manifest.get(k, RECORDED_LATER.get(k))) != norm(v)]
     if diff:
         shown = ", ".join(f"{k}: {manifest.get(k)!r} there, {settings[k]!r} now" for k in diff[:3])
         raise PairSetError(f"{folder} holds pairs made with other settings ({shown}); "

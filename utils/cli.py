@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Callable
 
-from utils import fileio
+from utils import fileio, precision
 from utils.errors import UserError
 
 
@@ -195,6 +195,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     """The entry points' wrapper: quiet TensorFlow, call main, turn any UserError (the base of
     every user-facing error) into one `error: ...` line with exit code 2."""
     keep_freed_memory()
+    precision.prepare(sys.argv[1:] if argv is None else argv)  # before TensorFlow starts
     quiet_tensorflow()
     try:
         code = main(argv)

@@ -21,6 +21,7 @@ TFLite converter, which then silently writes a model without weights).
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from typing import Callable
 
@@ -114,24 +115,41 @@ def require_new_dir(path: str) -> None:
 
 
 def export(out_dir: str, model: UNet, weights: Weights, cfg: DatasetConfig,
-           tflite: str = "float32", xla: bool = True) -> list[str]:
+           tflite: str = "float32", xla: bool = True, bf16: bool = False) -> list[str]:
     """Write the SavedModel, the TFLite model and README.txt into `out_dir`, which must be new
-    or empty; everything goes to a temporary sibling first, so `out_dir` is complete or absent."""
+    or empty; everything goes to a temporary sibling first, so `out_dir` is complete or absent.
+    bf16: the SavedModel's network computes in bfloat16; the TFLite model is converted from a
+    float32 SavedModel all the same (TFLite has no bfloat16 kernels)."""
     require_new_dir(out_dir)
     try:
         with atomic_dir(out_dir) as tmp:
             saved = os.path.join(tmp, SAVED_MODEL)
-            save_saved_model(StudentExport(model, cfg, xla), saved)
-            with atomic_write(os.path.join(tmp, tflite_name(tflite))) as f:
-                f.write(tflite_model(saved, tflite))
+            save_saved_model(StudentExport(_in_dtype(model, bf16), cfg, xla), saved)
+            with tempfile.TemporaryDirectory() as float32_dir:
+                source = saved
+                if bf16:
+                    source = os.path.join(float32_dir, SAVED_MODEL)
+                    save_saved_model(StudentExport(model, cfg, xla), source)
+                with atomic_write(os.path.join(tmp, tflite_name(tflite))) as f:
+                    f.write(tflite_model(source, tflite))
             with atomic_write(os.path.join(tmp, README), "w") as f:
-                f.write(readme(cfg, weights, tflite, xla))
+                f.write(readme(cfg, weights, tflite, xla, bf16))
     except OSError as e:
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
     return sorted(os.listdir(out_dir))
 
 
-def readme(cfg: DatasetConfig, weights: Weights, tflite: str, xla: bool) -> str:
+def _in_dtype(model: UNet, bf16: bool) -> UNet:
+    """The model, or a copy of it that computes in bfloat16."""
+    if not bf16:
+        return model
+    copy = UNet(model.cfg, compute_dtype="bfloat16")
+    for a, b in zip(copy.weights, model.weights):
+        a.assign(b)
+    return copy
+
+
+def readme(cfg: DatasetConfig, weights: Weights, tflite: str, xla: bool, bf16: bool = False) -> str:
     net = cfg.network
     hwc = ", ".join(map(str, net.image_shape))
     xla_note = ("on: the network is XLA-compiled, as eval.py runs it by default. TF Serving\n"
@@ -148,13 +166,14 @@ Source weights: {weights.describe()}
   signature "{DEFAULT_SIGNATURE}" (also "serving_default"):
       inputs:  seed int64 scalar, n int32 scalar (n >= 0)
       outputs: images uint8 [n, {hwc}]
-      Image i is bit for bit the PNG `eval.py tofolder DIR {cfg.name} --seed SEED` writes for
-      index i (same --xla setting). Its noise is re-derived in the graph: N(0, I) from
+      Image i is {"from the same noise as" if bf16 else "bit for bit"} the PNG `eval.py tofolder DIR {cfg.name} --seed SEED` writes for
+      index i ({"computed in bfloat16" if bf16 else "same --xla setting"}). Its noise is re-derived in the graph: N(0, I) from
       tf.random.stateless_normal keyed by (seed, {SAMPLE_STREAM} * 2^40 + i), rounded to float16.
   signature "denoise":
       inputs:  z float32 [N, {hwc}] (N(0, I) noise, any N)
       outputs: images uint8 [N, {hwc}]
   XLA {xla_note}.
+  Arithmetic: {"bfloat16 (the network's compute dtype; GroupNorm in float32)" if bf16 else "float32"}.
 
 {tflite_name(tflite)}  TFLite model of "denoise" ({tflite} weights{
     ", activations quantised on the fly" if tflite == "int8" else ""}):

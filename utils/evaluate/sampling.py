@@ -58,8 +58,10 @@ def find_student(model_dir: str, cfg: DatasetConfig) -> str:
                        f"{cfg.name}_ema_model.h5 from {RELEASE} unzipped into {ORIGINAL_DIR}/")
 
 
-def load_student(model_dir: str | None, cfg: DatasetConfig) -> tuple[UNet, Weights]:
-    return load_unet(find_student(model_dir or default_model_dir(cfg), cfg), cfg)
+def load_student(model_dir: str | None, cfg: DatasetConfig,
+                 compute_dtype: str = "float32") -> tuple[UNet, Weights]:
+    return load_unet(find_student(model_dir or default_model_dir(cfg), cfg), cfg,
+                     compute_dtype=compute_dtype)
 
 
 def noise_for(indices: np.ndarray | tf.Tensor, cfg: DatasetConfig, seed: int | tf.Tensor

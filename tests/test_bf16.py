@@ -1,0 +1,117 @@
+"""--bf16: every path runs and stays within the drift measured by bench/bf16.py; float32 is
+untouched. The CPU path (oneDNN's graph rewrite) needs oneDNN switched on before TensorFlow starts,
+so those runs are real subprocesses, as a user runs them."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.configs import CONFIGS
+from models.diffusion import student_fn
+from tests.helpers import run_cli, run_main
+from utils import precision
+from utils.evaluate.sampling import load_student, noise_for
+
+# Drift measured on this project's 2-core CPU (no bfloat16 units: emulated, the same rounding as
+# native units); the bounds are about twice it. The shipped digits student through oneDNN's rewrite
+# (bench/bf16.py, 4 x 1,437 samples): at most 47 levels (of 255) off its float32 images, 6.4% of
+# pixels more than one level (these tests' 256: 17 levels, 5.7%). The tiny random teacher's DDIM
+# pairs (oneDNN; 10 steps compound the rounding): 89 levels, 2.7%. The tiny export computing in
+# bfloat16 (compute dtype): 1 level, 0.0%.
+DIGITS_MAX, DIGITS_SHARE = 96, 0.13
+PAIRS_MAX, PAIRS_SHARE = 255, 0.06
+EXPORT_MAX, EXPORT_SHARE = 4, 0.01
+
+
+def drift(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
+    d = np.abs(a.astype(int) - b.astype(int))
+    return int(d.max()), float((d > 1).mean())
+
+
+def test_prepare_turns_onednn_on_only_for_bf16(monkeypatch, tmp_path):
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    precision.prepare(["figures", "./f", "digits"])
+    assert "TF_ENABLE_ONEDNN_OPTS" not in os.environ  # float32 runs exactly as before
+    precision.prepare(["figures", "./f", "digits", "--bf16"])
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    precision.prepare(["--bf16"])
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"  # the user's own setting is kept
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert precision.cpu_has_bf16(str(cpuinfo)) is True
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert precision.cpu_has_bf16(str(cpuinfo)) is False
+    assert precision.cpu_has_bf16(str(tmp_path / "missing")) is None
+
+
+def read_pngs(folder) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f)))
+                     for f in sorted(os.listdir(folder)) if f.endswith(".png")])
+
+
+@pytest.mark.slow
+def test_eval_bf16_on_the_cpu_path_stays_near_float32(tmp_path):
+    out = tmp_path / "imgs"
+    r = run_cli("eval.py", "tofolder", str(out), "digits", "--n_images", "256", "--batch_size",
+                "128", "--bf16")
+    assert r.returncode == 0, r.stderr
+    assert "bf16: oneDNN mixed precision" in r.stdout
+    if precision.cpu_has_bf16() is False:
+        assert "this CPU has no bfloat16 units" in r.stdout
+    cfg = CONFIGS["digits"]
+    model, _ = load_student(None, cfg)
+    ref = np.rint((np.clip(student_fn(model, True)(noise_for(np.arange(256), cfg, 0)).numpy(),
+                           -1, 1) + 1) * 127.5).astype(np.uint8)[..., 0]
+    biggest, share = drift(read_pngs(out), ref)
+    print(f"digits student, bf16 vs float32: {biggest} levels at most, {share:.2%} > 1 level")
+    assert 0 < biggest <= DIGITS_MAX and share <= DIGITS_SHARE  # bfloat16 really ran
+    r = run_cli("eval.py", "speed", "tiny", "--bf16", "--batch_size", "4", "--repeats", "1")
+    assert r.returncode == 0, r.stderr
+    assert "student, bfloat16:" in r.stdout and "x float32" in r.stdout
+
+
+def test_export_bf16_computes_in_bfloat16_near_float32(tiny_teacher, tmp_path, capsys):
+    import tensorflow as tf
+    runs = {}
+    for name, extra in (("f32", []), ("bf16", ["--bf16"])):
+        code, out, err = run_main("eval", ["export", tmp_path / name, "tiny", "--model_dir",
+                                           tiny_teacher, "--no-xla", *extra], capsys)
+        assert code == 0, err
+        loaded = tf.saved_model.load(str(tmp_path / name / "saved_model"))
+        runs[name] = loaded.signatures["sample"](seed=tf.constant(0, tf.int64),
+                                                 n=tf.constant(64))["images"].numpy()
+    assert "Arithmetic: bfloat16" in (tmp_path / "bf16" / "README.txt").read_text()
+    biggest, share = drift(runs["bf16"], runs["f32"])
+    with capsys.disabled():
+        print(f"tiny export, bf16 vs float32: {biggest} levels at most, {share:.2%} > 1 level")
+    assert 0 < biggest <= EXPORT_MAX and share <= EXPORT_SHARE
+    assert sorted(os.listdir(tmp_path / "bf16")) == sorted(os.listdir(tmp_path / "f32"))
+    code, _, err = run_main("eval", ["export", tmp_path / "x", "tiny", "--model_dir", tiny_teacher,
+                                     "--format", "diffusers", "--bf16"], capsys)
+    assert code == 2 and "--bf16 applies to --format tf only" in err
+
+
+@pytest.mark.slow
+def test_bf16_pairs_are_recorded_and_near_float32(tiny_teacher, tiny_pairs, tmp_path):
+    """The first shard of the session's pair set (seed 1), generated again with --bf16."""
+    pairs = tmp_path / "pairs"
+    args = ["training.py", "tiny", str(tmp_path / "run"), "--teacher", tiny_teacher, "--datadir",
+            str(pairs), "--n_examples", "64", "--shard_size", "64", "--n_test", "16",
+            "--gen_batch_size", "32", "--seed", "1", "--no_progress", "--generate_only"]
+    r = run_cli(*args, "--bf16")
+    assert r.returncode == 0, r.stderr
+    assert "bf16: the teacher's pairs in bfloat16" in r.stdout
+    assert json.loads((pairs / "manifest.json").read_text())["precision"] == "bfloat16"
+    ours, theirs = (np.load(os.path.join(d, "y_train_0.npy")) for d in (pairs, tiny_pairs))
+    np.testing.assert_array_equal(np.load(pairs / "x_train_0.npy"),
+                                  np.load(os.path.join(tiny_pairs, "x_train_0.npy")))  # same noise
+    biggest, share = drift(ours, theirs)
+    print(f"tiny teacher pairs, bf16 vs float32: {biggest} levels at most, {share:.2%} > 1 level")
+    assert 0 < biggest <= PAIRS_MAX and share <= PAIRS_SHARE
+    r = run_cli(*args)  # the same folder in float32: refused, nothing regenerated
+    assert r.returncode == 2 and "precision: 'bfloat16' there, 'float32' now" in r.stderr
