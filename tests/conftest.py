@@ -26,6 +26,9 @@ def pytest_configure(config):
     controller = getattr(config.option, "numprocesses", None) and worker is None
     if not controller:
         quiet_tensorflow()
+        if worker is not None:  # several workers share the cores: one thread each per op
+            import tensorflow as tf
+            tf.config.threading.set_intra_op_parallelism_threads(1)
 
 # The session pair set: the tiny config's own sizes (256 training pairs in 4 shards of 64, 64
 # held out), teacher batches of 32, seed 1. Plain graph (--no-xla): XLA compile time would dominate

@@ -19,7 +19,7 @@ from utils.evaluate.sampling import load_student, noise_for
 # Drift measured on this project's 2-core CPU (no bfloat16 units: emulated, the same rounding as
 # native units); the bounds are about twice it. The shipped digits student through oneDNN's rewrite
 # (bench/bf16.py, 4 x 1,437 samples): at most 47 levels (of 255) off its float32 images, 6.4% of
-# pixels more than one level (these tests' 256: 17 levels, 5.7%). The tiny random teacher's DDIM
+# pixels more than one level (256 samples in this test: 17 levels, 5.7%). The tiny random teacher's DDIM
 # pairs (oneDNN; 10 steps compound the rounding): 89 levels, 2.7%. The tiny export computing in
 # bfloat16 (compute dtype): 1 level, 0.0%.
 DIGITS_MAX, DIGITS_SHARE = 96, 0.13
@@ -57,7 +57,7 @@ def read_pngs(folder) -> np.ndarray:
 @pytest.mark.slow
 def test_eval_bf16_on_the_cpu_path_stays_near_float32(tmp_path):
     out = tmp_path / "imgs"
-    r = run_cli("eval.py", "tofolder", str(out), "digits", "--n_images", "256", "--batch_size",
+    r = run_cli("eval.py", "tofolder", str(out), "digits", "--n_images", "128", "--batch_size",
                 "128", "--bf16")
     assert r.returncode == 0, r.stderr
     assert "bf16: oneDNN mixed precision" in r.stdout
@@ -65,45 +65,54 @@ def test_eval_bf16_on_the_cpu_path_stays_near_float32(tmp_path):
         assert "this CPU has no bfloat16 units" in r.stdout
     cfg = CONFIGS["digits"]
     model, _ = load_student(None, cfg)
-    ref = np.rint((np.clip(student_fn(model, True)(noise_for(np.arange(256), cfg, 0)).numpy(),
+    ref = np.rint((np.clip(student_fn(model, True)(noise_for(np.arange(128), cfg, 0)).numpy(),
                            -1, 1) + 1) * 127.5).astype(np.uint8)[..., 0]
     biggest, share = drift(read_pngs(out), ref)
     print(f"digits student, bf16 vs float32: {biggest} levels at most, {share:.2%} > 1 level")
     assert 0 < biggest <= DIGITS_MAX and share <= DIGITS_SHARE  # bfloat16 really ran
-    r = run_cli("eval.py", "speed", "tiny", "--bf16", "--batch_size", "4", "--repeats", "1")
-    assert r.returncode == 0, r.stderr
-    assert "student, bfloat16:" in r.stdout and "x float32" in r.stdout
+
+
+def test_speed_bf16_times_the_student_in_bfloat16_too(capsys):
+    # in this process oneDNN is off (TensorFlow started without it): the compute-dtype path
+    code, out, err = run_main("eval", ["speed", "tiny", "--bf16", "--batch_size", "4",
+                                       "--repeats", "1", "--no-xla"], capsys)
+    assert code == 0, err
+    assert "bf16: the network's compute dtype" in out
+    assert "student, bfloat16:" in out and "x float32; largest output difference" in out
 
 
 def test_export_bf16_computes_in_bfloat16_near_float32(tiny_teacher, tmp_path, capsys):
     import tensorflow as tf
-    runs = {}
-    for name, extra in (("f32", []), ("bf16", ["--bf16"])):
-        code, out, err = run_main("eval", ["export", tmp_path / name, "tiny", "--model_dir",
-                                           tiny_teacher, "--no-xla", *extra], capsys)
-        assert code == 0, err
-        loaded = tf.saved_model.load(str(tmp_path / name / "saved_model"))
-        runs[name] = loaded.signatures["sample"](seed=tf.constant(0, tf.int64),
-                                                 n=tf.constant(64))["images"].numpy()
+
+    from utils.images import to_uint8
+    code, out, err = run_main("eval", ["export", tmp_path / "bf16", "tiny", "--model_dir",
+                                       tiny_teacher, "--no-xla", "--bf16"], capsys)
+    assert code == 0, err
     assert "Arithmetic: bfloat16" in (tmp_path / "bf16" / "README.txt").read_text()
-    biggest, share = drift(runs["bf16"], runs["f32"])
+    assert sorted(os.listdir(tmp_path / "bf16")) == ["README.txt", "denoise_float32.tflite",
+                                                     "saved_model"]
+    loaded = tf.saved_model.load(str(tmp_path / "bf16" / "saved_model"))
+    got = loaded.signatures["sample"](seed=tf.constant(0, tf.int64), n=tf.constant(64))["images"]
+    cfg = CONFIGS["tiny"]
+    model, _ = load_student(tiny_teacher, cfg)  # the same weights in float32, here
+    want = to_uint8(student_fn(model)(noise_for(np.arange(64), cfg, 0)).numpy())
+    biggest, share = drift(got.numpy(), want)
     with capsys.disabled():
         print(f"tiny export, bf16 vs float32: {biggest} levels at most, {share:.2%} > 1 level")
     assert 0 < biggest <= EXPORT_MAX and share <= EXPORT_SHARE
-    assert sorted(os.listdir(tmp_path / "bf16")) == sorted(os.listdir(tmp_path / "f32"))
     code, _, err = run_main("eval", ["export", tmp_path / "x", "tiny", "--model_dir", tiny_teacher,
                                      "--format", "diffusers", "--bf16"], capsys)
     assert code == 2 and "--bf16 applies to --format tf only" in err
 
 
 @pytest.mark.slow
-def test_bf16_pairs_are_recorded_and_near_float32(tiny_teacher, tiny_pairs, tmp_path):
+def test_bf16_pairs_are_recorded_and_near_float32(tiny_teacher, tiny_pairs, tmp_path, capsys):
     """The first shard of the session's pair set (seed 1), generated again with --bf16."""
     pairs = tmp_path / "pairs"
     args = ["training.py", "tiny", str(tmp_path / "run"), "--teacher", tiny_teacher, "--datadir",
             str(pairs), "--n_examples", "64", "--shard_size", "64", "--n_test", "16",
             "--gen_batch_size", "32", "--seed", "1", "--no_progress", "--generate_only"]
-    r = run_cli(*args, "--bf16")
+    r = run_cli(*args, "--bf16", "--no-xla")
     assert r.returncode == 0, r.stderr
     assert "bf16: the teacher's pairs in bfloat16" in r.stdout
     assert json.loads((pairs / "manifest.json").read_text())["precision"] == "bfloat16"
@@ -113,5 +122,5 @@ def test_bf16_pairs_are_recorded_and_near_float32(tiny_teacher, tiny_pairs, tmp_
     biggest, share = drift(ours, theirs)
     print(f"tiny teacher pairs, bf16 vs float32: {biggest} levels at most, {share:.2%} > 1 level")
     assert 0 < biggest <= PAIRS_MAX and share <= PAIRS_SHARE
-    r = run_cli(*args)  # the same folder in float32: refused, nothing regenerated
-    assert r.returncode == 2 and "precision: 'bfloat16' there, 'float32' now" in r.stderr
+    code, _, err = run_main("training", args[1:], capsys)  # in float32: refused
+    assert code == 2 and "precision: 'bfloat16' there, 'float32' now" in err

@@ -141,6 +141,9 @@ def test_export_loads_in_diffusers_and_round_trips_bit_for_bit(tiny_teacher, tmp
         x0 = (torch.from_numpy(z).permute(0, 3, 1, 2) - unet(torch.from_numpy(z).permute(0, 3, 1, 2),
                                                               999).sample).clamp(-1, 1)
     assert_close(x0.permute(0, 2, 3, 1).numpy(), np.clip(student_fn(model)(z).numpy(), -1, 1))
+    code, _, err = run_main("eval", ["figures", tmp_path / "fig", "tiny", "--model_dir", out,
+                                     "--n_images", "4", "--no-xla"], capsys)  # eval reads it back
+    assert code == 0 and (tmp_path / "fig" / "tiny_figure_0.png").exists(), err
     again = read_weights(str(out), TINY)
     before = read_weights(tiny_teacher, TINY)
     assert again.params.keys() == before.params.keys()

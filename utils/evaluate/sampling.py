@@ -14,6 +14,7 @@ import tensorflow as tf
 from data.shards import example_noise
 from models.configs import DatasetConfig
 from models.unet import UNet
+from models.formats.diffusers import is_diffusers_folder
 from models.weights import META_FILE, PRETRAINED, Weights, WeightsError, load_unet
 from utils.images import to_uint8
 
@@ -48,13 +49,15 @@ def find_student(model_dir: str, cfg: DatasetConfig) -> str:
     for c in candidates:
         if os.path.isfile(os.path.join(c, META_FILE)):
             return c
+    if os.path.isdir(model_dir) and is_diffusers_folder(model_dir):
+        return model_dir
     h5 = os.path.join(model_dir, f"{cfg.name}_ema_model.h5")
     if os.path.isfile(h5):
         return h5
     if os.path.isfile(model_dir) and model_dir.endswith(".h5"):
         return model_dir
     raise WeightsError(f"no {cfg.name} student in {model_dir}: expected a training run (SAVEDIR "
-                       f"with best/), a converted checkpoint (weights.json), or "
+                       f"with best/), a converted checkpoint (weights.json), a diffusers folder, or "
                        f"{cfg.name}_ema_model.h5 from {RELEASE} unzipped into {ORIGINAL_DIR}/")
 
 
