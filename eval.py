@@ -56,12 +56,13 @@ def _arithmetic_args(p: argparse.ArgumentParser, xla_help: str = "compile the ne
     g.add_argument("--bf16", action="store_true", help=bf16_help)
 
 
-def _precision(args) -> tuple[str, bool]:
-    """(the network's compute dtype, whether to XLA-compile it) for --bf16 / --xla."""
+def _precision(args, rewrite: bool = True) -> tuple[str, bool]:
+    """(the network's compute dtype, whether to XLA-compile it) for --bf16 / --xla. rewrite=False:
+    never the CPU's process-wide graph rewrite (fid: it would reach the Inception network too)."""
     if not getattr(args, "bf16", False):
         return "float32", args.xla
     from utils.precision import ONEDNN, enable_bf16
-    if enable_bf16() == ONEDNN:
+    if rewrite and enable_bf16() == ONEDNN:
         print("bf16: oneDNN mixed precision (a graph rewrite: the network runs without XLA)")
         return "float32", False
     print("bf16: the network's compute dtype")
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the statistics of the measured images to a new FILE.npz, to "
                         "reuse as --reference FILE.npz")
     g.add_argument("--fid_batch", type=positive_int, default=50,
-                   help="images per Inception call (default 50)")
+                   help="images per Inception call, at most (default 50; samples come in "
+                        "--batch_size batches)")
     p = sub.add_parser("speed", help="images/s of the student and of the DDIM teacher",
                        description="images/s of the student and of the DDIM teacher")
     _dataset_arg(p)
@@ -174,11 +176,11 @@ def next_free(folder: str, stem: str) -> str:
     return os.path.join(folder, f"{stem}_{k}.png")
 
 
-def _sampler(args, cfg):
+def _sampler(args, cfg, rewrite: bool = True):
     """The sampling function: the student's one step, or (--sampler teacher) the DDIM loop."""
     from models.diffusion import ddim_fn, student_fn
     from utils.evaluate.sampling import load_student
-    dtype, xla = _precision(args)
+    dtype, xla = _precision(args, rewrite)
     if args.sampler == "teacher":
         from models.weights import load_unet
         from utils.evaluate.sampling import default_teacher
@@ -276,11 +278,19 @@ def cmd_fid(args, cfg) -> None:
     from utils.evaluate.inception import load_inception
     if args.real and not (args.reference or args.save_stats):
         raise UserError("--real with neither --reference nor --save_stats measures nothing")
+    if args.n_images == 1:
+        raise UserError("--n_images 1: statistics need at least 2 images")
+    if args.save_stats and not args.save_stats.endswith(".npz"):
+        raise UserError(f"--save_stats {args.save_stats}: the name must end in .npz (what "
+                        f"--reference reads as statistics)")
     # Everything that can fail is checked before the hours of feature extraction: folders and
     # files first (instant), then the network, the weights and the dataset.
     folder = fid.ImageFolder(args.images, args.fid_batch, limit=args.n_images) if args.images \
         else None
     reference, ref_name = _fid_reference_given(args)
+    for images, what in ((folder, args.images), (reference, args.reference)):
+        if isinstance(images, fid.ImageFolder) and images.num_examples < 2:
+            raise UserError(f"{what} holds one image; statistics need at least 2")
     net = load_inception(args.inception)
     tag = net.provenance.describe()
     print(f"network: {tag}")
@@ -319,7 +329,7 @@ def _fid_measured(args, cfg, folder):
         n = args.n_images or ref.num_examples
         return ref, n, f"real {cfg.name} {args.split} images"
     n = args.n_images or 50_000
-    sample = _sampler(args, cfg)
+    sample = _sampler(args, cfg, rewrite=False)  # --bf16: the compute dtype, Inception untouched
     return ((b for _, b in sample_batches(sample, cfg, np.arange(n), args.batch_size, args.seed)),
             n, "samples")
 
@@ -423,6 +433,7 @@ def cmd_speed(args, cfg) -> None:
     s_bare = best_seconds(bare, z, args.repeats)
     student = student_fn(model, args.xla)
     s_student = best_seconds(student, z, args.repeats)
+    reference = student(z).numpy()  # float32, before --bf16 can rewrite what runs next
     teacher = ddim_fn(model, cfg.sampler, args.xla)  # same network, so the same cost per call
     s_teacher = best_seconds(teacher, z, max(1, args.repeats - 2))
     calls = ddim_plan(cfg.sampler).n_calls
@@ -439,7 +450,7 @@ def cmd_speed(args, cfg) -> None:
             a.assign(c)
         fast_student = student_fn(fast, xla)
         s_bf16 = best_seconds(fast_student, z, args.repeats)
-        drift = np.abs(fast_student(z).numpy() - student(z).numpy())
+        drift = np.abs(fast_student(z).numpy() - reference)
         print(f"student, bfloat16:      {b / s_bf16:10.2f} img/s ({s_student / s_bf16:.2f}x float32; "
               f"largest output difference {drift.max():.3g})")
 

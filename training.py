@@ -147,7 +147,7 @@ def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str
 def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_path: str) -> str:
     """Make sure the pair set is complete (generating what is missing); returns its folder."""
     from data.pairs import generate_pairs, make_teacher_fn, settings_for, wait_until_complete
-    from data.shards import open_pair_set, read_manifest
+    from data.shards import header, is_complete, open_pair_set, read_manifest
     from models.weights import load_unet
     from utils.images import make_grid, save_png, to_uint8
     from utils.strategy import worker_info
@@ -160,7 +160,12 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
         open_pair_set(folder, shape)  # ours complete, or the original's layout: use as is
         return folder
     dtype, xla = "float32", args.xla
-    if args.bf16:
+    complete = manifest is not None and is_complete(manifest)
+    wanted = "bfloat16" if args.bf16 else "float32"
+    made_in = header(manifest)["precision"] if complete else wanted  # a complete set is kept
+    if made_in != wanted:
+        print(f"pairs: complete and kept, made in {made_in} (the student trains in {wanted})")
+    elif args.bf16 and not complete:
         from utils.precision import ONEDNN, enable_bf16
         onednn = enable_bf16() == ONEDNN
         dtype, xla = ("float32", False) if onednn else ("bfloat16", args.xla)
@@ -173,7 +178,7 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
     settings = settings_for(cfg, seed=args.seed, n_examples=args.n_examples,
                             shard_size=args.shard_size, n_test=args.n_test, compact=args.compact,
                             fewer=args.use_fewer_lsun_examples, teacher_sha256=weights.sha256,
-                            precision="bfloat16" if args.bf16 else "float32")
+                            precision=made_in)
     gen_batch = (args.gen_batch_size or cfg.pairs.gen_batch_size
                  or 2 * student_settings(args, cfg).train.batch_size)
     preview_path = os.path.join(folder, "preview.png")

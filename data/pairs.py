@@ -20,8 +20,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from data.shards import (FORMAT_VERSION, PairSetError, Shard, assemble_manifest, check_file,
-                         example_noise, is_complete, layout, npy_bytes, read_manifest, save_npy_atomic,
-                         shard_files, write_part)
+                         example_noise, header, is_complete, layout, npy_bytes, read_manifest,
+                         save_npy_atomic, shard_files, write_part)
 from models.configs import DatasetConfig
 from models.diffusion import ddim_fn
 from utils import fileio
@@ -175,16 +175,13 @@ def _generate_shard(sh: Shard, s: PairSettings, teacher_fn, gen_batch: int, bar,
     return x, y
 
 
-# settings that sets written before they were recorded were made with
-RECORDED_LATER = {"precision": "float32"}
-
 
 def _check_same_settings(folder: str, manifest: dict, settings: dict) -> None:
     def norm(v):  # JSON turns tuples into lists
         return list(v) if isinstance(v, tuple) else v
-    diff = [k for k, v in settings.items()
-            if norm(manifest.get(k, RECORDED_LATER.get(k))) != norm(v)]
+    there = header(manifest)  # settings recorded only later filled in
+    diff = [k for k, v in settings.items() if norm(there.get(k)) != norm(v)]
     if diff:
-        shown = ", ".join(f"{k}: {manifest.get(k)!r} there, {settings[k]!r} now" for k in diff[:3])
+        shown = ", ".join(f"{k}: {there.get(k)!r} there, {settings[k]!r} now" for k in diff[:3])
         raise PairSetError(f"{folder} holds pairs made with other settings ({shown}); "
                            f"use another --datadir or the same settings")

@@ -10,8 +10,9 @@ counter-based generator (stream 0: train, 1: test), so any shard can be regenera
 "compact" set can omit X entirely and recompute it when reading. Sets written by the original code
 (no manifest) are read too.
 
-The folder may be on any tf.io.gfile filesystem (`gs://...`, `ram://...`). Local shards are
-memory-mapped; other shards are read whole through gfile, at most `shards_in_memory` at a time.
+The folder may be on any tf.io.gfile filesystem (`gs://...`, `ram://...`). The training reader
+(PairReader) reads whole shards with TensorFlow's file ops, two groups of two shards at a time at
+most; the held-out pairs are memory-mapped where the folder is local.
 
 No lock: each shard's record (its files' sizes and checksums, with the set's settings) is its own
 manifest part, `manifest.{shard}.json`, written once under its final name, complete, by the worker
@@ -155,9 +156,14 @@ def read_manifest(folder: str) -> dict | None:
     return manifest
 
 
+# Settings recorded only by later versions, with the value that sets written before meant.
+RECORDED_LATER = {"precision": "float32"}
+
+
 def header(manifest: dict) -> dict:
-    """Everything of a manifest (or part) but the file records: the set's settings and layout."""
-    return {k: v for k, v in manifest.items() if k != "files"}
+    """Everything of a manifest (or part) but the file records: the set's settings and layout
+    (settings recorded only later filled in with what they meant before)."""
+    return {**RECORDED_LATER, **{k: v for k, v in manifest.items() if k != "files"}}
 
 
 def write_part(folder: str, head: dict, shard: Shard, records: dict) -> None:
@@ -392,6 +398,9 @@ class PairReader:
         self.k = shards_in_memory
         self.n_shards = len(pairs.train)
         self.used = steps_per_epoch(pairs, global_batch) * global_batch  # positions of an epoch
+        if self.used == 0:
+            raise PairSetError(f"{pairs.n_train} training pairs are fewer than one batch of "
+                               f"{global_batch}")
         self.row = int(np.prod(pairs.image_shape))
         folder, train = pairs.folder, pairs.train
         self._y_paths = tf.constant([os.path.join(folder, s.y_file) for s in train])
@@ -458,8 +467,8 @@ class PairReader:
                 xs = tuple(self._read(self._x_paths, self._x_offsets, sid, tf.float16)
                            for sid in shards)
             return xs, ys, picks
-        return tf.data.Dataset.range(begin, end).map(group, num_parallel_calls=2,
-                                                    deterministic=True)
+        # one group read at a time; with the prefetch of the next one, two groups in memory
+        return tf.data.Dataset.range(begin, end).map(group)
 
     @staticmethod
     def _take(parts: tuple[tf.Tensor, ...], rows: tf.Tensor) -> tf.Tensor:

@@ -122,5 +122,9 @@ def test_bf16_pairs_are_recorded_and_near_float32(tiny_teacher, tiny_pairs, tmp_
     biggest, share = drift(ours, theirs)
     print(f"tiny teacher pairs, bf16 vs float32: {biggest} levels at most, {share:.2%} > 1 level")
     assert 0 < biggest <= PAIRS_MAX and share <= PAIRS_SHARE
-    code, _, err = run_main("training", args[1:], capsys)  # in float32: refused
+    code, out, err = run_main("training", args[1:], capsys)  # float32: the complete set is kept
+    assert code == 0 and "complete and kept, made in bfloat16" in out, err
+    for name in ("manifest.json", "manifest.train_0.json"):  # now incomplete: not mixed
+        (pairs / name).unlink()
+    code, _, err = run_main("training", args[1:], capsys)
     assert code == 2 and "precision: 'bfloat16' there, 'float32' now" in err

@@ -238,3 +238,15 @@ def test_what_we_cannot_honour_is_refused_in_one_line_and_nothing_is_written(tmp
         code, _, err = run_main("models.convert", ["--dataset", "tiny", folder, out], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, (message, err)
         assert not out.exists()
+
+
+def test_a_bfloat16_folder_is_read_as_float32(tmp_path):
+    """diffusers saves torch_dtype=torch.bfloat16 models with BF16 tensors, which safetensors'
+    NumPy API cannot hold: they are widened to float32 (a bfloat16 is a float32's top half)."""
+    unet = make_unet(SMALL)
+    unet.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    weights = read_weights(str(tmp_path / "bf16"), TINY)
+    state = {k: v.float().numpy() for k, v in unet.state_dict().items()}
+    np.testing.assert_array_equal(weights.params["conv_in/W"],
+                                  state["conv_in.weight"].transpose(2, 3, 1, 0))
+    assert all(v.dtype == np.float32 for v in weights.params.values())

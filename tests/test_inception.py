@@ -141,6 +141,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cache, monkeypatch, 
     broken = _write_folder(tmp_path / "broken", np.zeros((2, 8, 8, 3), np.uint8))
     (broken / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (tmp_path / "notes.txt").write_text("hello")
+    single = _write_folder(tmp_path / "single", np.zeros((1, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
     out_stats = tmp_path / "out.npz"
     port = os.path.join(cache, "denoising_student", inception.PORT_FILE)
@@ -153,6 +154,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cache, monkeypatch, 
          "holds 64-d features; the Inception network gives 2048-d"),
         (["--inception", port, "--reference", tmp_path / "empty"], "holds no images"),
         (["--inception", port, "--reference", broken], "001.png: not a readable image"),
+        (["--inception", port, "--reference", single], "holds one image; statistics need at least 2"),
     ]
     monkeypatch.setattr(inception, "fid_helper_weights", lambda: None)  # no package here
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no_cache"))
@@ -163,6 +165,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cache, monkeypatch, 
     code, out, err = run_main("eval", ["fid", "cifar10", "--images", tmp_path / "empty",
                                        "--reference", images, "--inception", port], capsys)
     assert code == 2 and "holds no images" in err
+    code, out, err = run_main("eval", ["fid", "cifar10", "--images", images, "--save_stats",
+                                       tmp_path / "stats.txt"], capsys)
+    assert code == 2 and "the name must end in .npz" in err
     code, out, err = run_main("eval", ["fid", "digits", "--reference", tmp_path / "small.npz"],
                               capsys)
     assert code == 2 and "digit classifier, not Inception: --reference do not apply" in err

@@ -301,3 +301,20 @@ def test_an_unknown_filesystem_is_a_one_line_error(capsys, tmp_path):
         code, out, err = run_main("training", argv, capsys)
         assert code == 2 and "Traceback" not in err, err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_parts_of_earlier_versions_without_precision_still_resume(tmp_path):
+    """Manifest parts written before the teacher's precision was recorded mean float32: a set half
+    made by them resumes, and is not taken for two sets in one folder."""
+    folder = str(tmp_path / "p")
+    s = small_settings(n_examples=48, shard_size=24, n_test=0)
+    generate_pairs(folder, s, numpy_teacher, 24, worker=(0, 2), progress=False)  # train_0 only
+    part = os.path.join(folder, "manifest.train_0.json")
+    old = json.load(open(part))
+    del old["precision"]
+    with open(part, "w") as f:
+        json.dump(old, f)
+    manifest = generate_pairs(folder, s, numpy_teacher, 24, worker=(1, 2), progress=False)
+    assert sorted(manifest["files"]) == ["x_train_0.npy", "x_train_1.npy", "y_train_0.npy",
+                                         "y_train_1.npy"]
+    open_pair_set(folder, SHAPE, verify=True)

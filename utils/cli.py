@@ -185,7 +185,12 @@ def overridden(args: argparse.Namespace, config):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block), like every other error here."""
+    """An ArgumentParser whose errors are one line (no usage block), like every other error here.
+    No abbreviated flags: the entry points look for --bf16 before parsing (utils.precision)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

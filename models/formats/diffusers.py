@@ -267,8 +267,11 @@ def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
     if fileio.exists(safetensors):
         from safetensors import SafetensorError
         from safetensors.numpy import load
+        data = fileio.read_bytes(safetensors)
         try:
-            return load(fileio.read_bytes(safetensors)), safetensors
+            return load(data), safetensors
+        except KeyError:  # a dtype NumPy has not (safetensors' NumPy API: BF16)
+            return _load_bfloat16(data, safetensors), safetensors
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{safetensors}: unreadable safetensors file ({cause(e)})") from None
     if fileio.exists(bin_file):
@@ -283,6 +286,34 @@ def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
             raise WeightsError(f"{bin_file}: unreadable PyTorch file ({cause(e)})") from None
         return {k: v.detach().float().numpy() for k, v in state.items()}, bin_file
     raise WeightsError(f"{folder}: no {SAFETENSORS} or {BIN} beside {CONFIG}")
+
+
+_FLOATS = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}
+
+
+def _load_bfloat16(data: bytes, path: str) -> dict[str, np.ndarray]:
+    """A safetensors file with bfloat16 tensors (diffusers' torch_dtype=torch.bfloat16), as
+    float32: its 8-byte header length, JSON header and raw tensors, per the safetensors format; a
+    bfloat16 is the top half of a float32."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        head = json.loads(data[8:8 + n])
+        out = {}
+        for name, t in head.items():
+            if name == "__metadata__":
+                continue
+            raw = data[8 + n + t["data_offsets"][0]:8 + n + t["data_offsets"][1]]
+            if t["dtype"] == "BF16":
+                bits = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
+                out[name] = bits.view(np.float32).reshape(t["shape"])
+            elif t["dtype"] in _FLOATS:
+                out[name] = np.frombuffer(raw, _FLOATS[t["dtype"]]).astype(np.float32).reshape(
+                    t["shape"])
+            else:
+                raise WeightsError(f"{path}: tensor {name} is {t['dtype']}, not a float")
+        return out
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{path}: unreadable safetensors file ({cause(e)})") from None
 
 
 def read_diffusers(path: str, sampler: SamplerConfig) -> Weights:

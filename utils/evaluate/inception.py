@@ -334,6 +334,7 @@ class TTURGraph:
             probe = self._session.run(self._output,
                                       {self._input: np.zeros((1, 8, 8, 3), np.float32)})
         except Exception as e:  # wrong input dtype, unknown ops, non-executable graph, ...
+            self.close()
             raise InceptionError(f"{path} could not be used as the FID Inception graph "
                                  f"({first_line(e)}); {_GET_TTUR}") from None
         if probe.ndim < 2 or any(s != 1 for s in probe.shape[1:-1]):

@@ -275,9 +275,12 @@ def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int, data, 
     speed, loss_sum, loss_steps = Throughput(), 0.0, 0
     iterator = iter(data) if step < total_steps else None
     while step < total_steps:
-        n = call_length(step, int(trainer.step_in_epoch.numpy()), total_steps=total_steps,
-                        steps_per_epoch=steps_per_epoch, ckpt_every=ckpt_every,
-                        steps_per_call=steps_per_call)
+        in_epoch = int(trainer.step_in_epoch.numpy())
+        if in_epoch >= steps_per_epoch:
+            raise UserError(f"the run stopped at step {in_epoch} of an epoch, but an epoch of these "
+                            f"pairs has {steps_per_epoch} steps: another pair set than the run's?")
+        n = call_length(step, in_epoch, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                        ckpt_every=ckpt_every, steps_per_call=steps_per_call)
         total = float(trainer.train_steps(iterator, n) if n > 1
                       else trainer.train_step(next(iterator)))
         step += n
