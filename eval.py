@@ -294,9 +294,8 @@ def cmd_fid(args, cfg) -> None:
     net = load_inception(args.inception)
     tag = net.provenance.describe()
     print(f"network: {tag}")
-    if isinstance(reference, fid.Statistics) and reference.mu.shape[0] != net.dim:
-        raise UserError(f"--reference {args.reference} holds {reference.mu.shape[0]}-d features; "
-                        f"the Inception network gives {net.dim}-d ones")
+    if isinstance(reference, fid.Statistics):
+        fid.require_dim(reference, net.dim, args.reference)
     if reference is None and not args.real:
         reference, ref_name = _fid_default_reference(args, cfg, net)
     images, total, name = _fid_measured(args, cfg, folder)

@@ -442,8 +442,8 @@ class PairReader:
 
     def _groups(self, epoch: tf.Tensor, first_position: tf.Tensor, host: int,
                 per_host: int) -> tf.data.Dataset:
-        """The groups of one epoch from a position on, read two at a time: (the group's x rows
-        (or noise keys), y rows, this host's rows of it in epoch order)."""
+        """The groups of one epoch from a position on: (the group's x rows (or noise keys) and
+        y rows, shard by shard, and this host's rows of it in epoch order)."""
         key = epoch_key(self.seed, epoch)
         order = shard_order(key, self.n_shards)
         sizes = tf.math.segment_sum(tf.gather(self._counts, order),

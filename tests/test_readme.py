@@ -102,3 +102,15 @@ def test_every_flag_is_in_a_named_group(module):
         generic = [a.option_strings for g in p._action_groups if g.title == "options"
                    for a in g._group_actions if a.option_strings != ["-h", "--help"]]
         assert generic == [], f"{p.prog}: flags outside a named group: {generic}"
+
+
+def test_ci_runs_readmes_test_command():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    quick = text[text.index("## Quick start"):]
+    block = quick[quick.index("```bash") + len("```bash"):quick.index("```", quick.index("```bash") + 3)]
+    install_run, install_test = [line.strip() for line in block.strip().splitlines()]
+    assert "pip install -r requirements.txt" in install_run and "eval.py figures" in install_run
+    assert "pip install -r requirements-dev.txt" in install_test and "pytest" in install_test
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert install_test in f.read().splitlines()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,3 +56,32 @@ def cause(e: BaseException) -> str:
     if isinstance(e, json.JSONDecodeError):
         return "a JSON file is not valid JSON"
     return "incomplete or corrupt"
+
+
+# 1x1 convolutions in PyTorch files (DDIM's q/k/v/proj_out, diffusers' conv_shortcut) that the
+# official layout keeps as dense [in, out] weights
+_DENSE_1X1 = re.compile(r"/(q|k|v|proj_out|nin_shortcut)/W$")
+
+
+def from_torch_layout(name: str, a: np.ndarray) -> np.ndarray:
+    """A PyTorch tensor (conv [out, in, kh, kw], Linear [out, in], 1x1 conv [out, in, 1, 1]) in
+    the official layout of weight `name` (conv [kh, kw, in, out], dense and nin [in, out])."""
+    a = np.asarray(a, np.float32)
+    if a.ndim == 4 and a.shape[2:] == (1, 1) and _DENSE_1X1.search(name):
+        return np.ascontiguousarray(a[:, :, 0, 0].T)
+    if a.ndim == 4:
+        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))
+    if a.ndim == 2:
+        return np.ascontiguousarray(a.T)
+    return a
+
+
+def to_torch_layout(name: str, a: np.ndarray, conv_1x1: bool = False) -> np.ndarray:
+    """The inverse of from_torch_layout; conv_1x1: a dense weight goes back as a 1x1 conv."""
+    a = np.asarray(a, np.float32)
+    if a.ndim == 4:
+        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+    if a.ndim == 2:
+        t = np.ascontiguousarray(a.T)
+        return t[:, :, None, None] if conv_1x1 else t
+    return a

