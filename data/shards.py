@@ -388,9 +388,10 @@ class PairReader:
     (x float16 as stored, or float32 noise for a compact set; y uint8: the training step converts
     them, on the device), from (epoch, step) on, for as long as it is iterated.
 
-    Per group of shards: the files are read and decoded once, this host's rows picked in epoch
-    order, and each batch gathered straight from the decoded shards (a scan carries the rows of
-    a batch that a group ends part-way into the next group). At most two groups are in flight."""
+    Per group of shards: the files are read and decoded once and this host's rows of the group
+    put in epoch order (one copy); its batches are then slices of that, with no copy (a scan
+    carries the rows of a batch that a group ends part-way into the next group). One group is
+    read while the previous one is served."""
 
     def __init__(self, pairs: PairSet, global_batch: int, seed: int,
                  shards_in_memory: int = SHARDS_IN_MEMORY):
@@ -436,14 +437,13 @@ class PairReader:
         if self.pairs.compact:  # X from the seed: the same noise as generation gave the teacher
             to_pair = lambda key, y: (example_noise(key, self.pairs.seed, TRAIN, shape),
                                       tf.reshape(y, [-1, *shape]))
-        else:
-            to_pair = lambda x, y: (tf.reshape(x, [-1, *shape]), tf.reshape(y, [-1, *shape]))
-        return batches.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            return batches.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return batches.map(lambda x, y: (tf.reshape(x, [-1, *shape]), tf.reshape(y, [-1, *shape])))
 
     def _groups(self, epoch: tf.Tensor, first_position: tf.Tensor, host: int,
                 per_host: int) -> tf.data.Dataset:
-        """The groups of one epoch from a position on: (the group's x rows (or noise keys) and
-        y rows, shard by shard, and this host's rows of it in epoch order)."""
+        """The groups of one epoch from a position on: this host's x rows (or noise keys) and
+        y rows of each group, in epoch order."""
         key = epoch_key(self.seed, epoch)
         order = shard_order(key, self.n_shards)
         sizes = tf.math.segment_sum(tf.gather(self._counts, order),
@@ -458,60 +458,51 @@ class PairReader:
             position = base + tf.range(size)
             mine = ((position >= first_position) & (position < self.used)
                     & ((position % self.global_batch) // per_host == host))
-            picks = tf.gather(group_permutation(key, g, size), tf.where(mine)[:, 0])
-            ys = tuple(self._read(self._y_paths, self._y_offsets, sid, tf.uint8) for sid in shards)
+            permutation = group_permutation(key, g, size)
+            ys = [self._read(self._y_paths, self._y_offsets, sid, tf.uint8) for sid in shards]
             if self.pairs.compact:  # the examples' noise keys stand in for x
-                xs = tuple(tf.gather(self._starts, tf.maximum(sid, 0))
-                           + tf.range(tf.shape(y, out_type=tf.int64)[0]) for sid, y in zip(shards, ys))
+                xs = [tf.gather(self._starts, tf.maximum(sid, 0))
+                      + tf.range(tf.shape(y, out_type=tf.int64)[0]) for sid, y in zip(shards, ys)]
             else:
-                xs = tuple(self._read(self._x_paths, self._x_offsets, sid, tf.float16)
-                           for sid in shards)
-            return xs, ys, picks
-        # one group read at a time; with the prefetch of the next one, two groups in memory
+                xs = [self._read(self._x_paths, self._x_offsets, sid, tf.float16) for sid in shards]
+            return self._in_order(xs, permutation, mine), self._in_order(ys, permutation, mine)
+        # one group read at a time (with the prefetch, the next one is read while this one serves)
         return tf.data.Dataset.range(begin, end).map(group)
 
     @staticmethod
-    def _take(parts: tuple[tf.Tensor, ...], rows: tf.Tensor) -> tf.Tensor:
-        """Rows of the group's shards taken one after the other, without joining the shards
-        first: each shard's rows gathered, then stitched into place (one copy of the rows)."""
-        ends = tf.cumsum(tf.stack([tf.shape(p, out_type=tf.int64)[0] for p in parts]))
-        owner = tf.searchsorted(ends, rows, side="right")
-        where, taken = [], []
-        for i, part in enumerate(parts):
-            mine = tf.where(owner == i)[:, 0]
-            start = ends[i] - tf.shape(part, out_type=tf.int64)[0]
-            where.append(tf.cast(mine, tf.int32))
-            taken.append(tf.gather(part, tf.gather(rows, mine) - start))
-        return tf.dynamic_stitch(where, taken)
+    def _in_order(parts: list[tf.Tensor], permutation: tf.Tensor, mine: tf.Tensor) -> tf.Tensor:
+        """This host's rows of a group (the rows of `parts`, one shard after the other) in epoch
+        order. Every row is copied once, straight from its shard to its place: this host's rows
+        first, then the other hosts' (cut off), so no concat of the shards and no second copy."""
+        order = tf.concat([tf.boolean_mask(permutation, mine), tf.boolean_mask(permutation, ~mine)], 0)
+        places = tf.math.invert_permutation(tf.cast(order, tf.int32))
+        where = tf.split(places, [tf.shape(p)[0] for p in parts]) if len(parts) > 1 else [places]
+        # indices are a permutation (no duplicates): the parallel kernel's result is deterministic
+        merged = tf.raw_ops.ParallelDynamicStitch(indices=where, data=parts)
+        return merged[:tf.reduce_sum(tf.cast(mine, tf.int32))]
 
     def _cut(self, carry, group, per_replica: int):
-        """scan step: the group's batches start with the rows carried over from the last group;
-        the rows that do not fill a batch are carried into the next one."""
+        """scan step: the group's first batch is the rows carried over from the last group and
+        the first rows of this one; the rows that do not fill a batch are carried into the next."""
         carry_x, carry_y = carry
-        xs, ys, picks = group
+        x, y = group
         k = tf.shape(carry_y, out_type=tf.int64)[0]
-        n = (k + tf.size(picks, out_type=tf.int64)) // per_replica  # batches ending in this group
-        used = tf.maximum(n * per_replica - k, 0)  # this group's rows in them
-        rest = picks[used:]
+        n = (k + tf.shape(y, out_type=tf.int64)[0]) // per_replica  # batches ending in this group
+        head = tf.where((k > 0) & (n > 0), per_replica - k, 0)  # rows completing the carried batch
+        used = tf.maximum(n * per_replica - k, 0)  # this group's rows in its batches
         keep = tf.where(n > 0, tf.constant(0, tf.int64), k)  # no batch ends here: carry on
-        new_x = tf.concat([carry_x[:keep], self._take(xs, rest)], 0)
-        new_y = tf.concat([carry_y[:keep], self._take(ys, rest)], 0)
-        return (new_x, new_y), (xs, ys, picks[:used], carry_x, carry_y, n)
+        new_carry = (tf.concat([carry_x[:keep], x[used:]], 0),
+                     tf.concat([carry_y[:keep], y[used:]], 0))
+        first = (tf.concat([carry_x, x[:head]], 0), tf.concat([carry_y, y[:head]], 0))
+        return new_carry, (first, x[head:used], y[head:used], tf.cast(head > 0, tf.int64))
 
     def _batches(self, group, per_replica: int) -> tf.data.Dataset:
-        """The group's batches, each gathered straight from its decoded shards (the first one
-        after the carried rows)."""
-        xs, ys, picks, carry_x, carry_y, n = group
-        k = tf.shape(carry_y, out_type=tf.int64)[0]
-
-        def batch(b):
-            lo = tf.maximum(b * per_replica - k, 0)
-            rows = picks[lo:(b + 1) * per_replica - k]
-            head = tf.where(b == 0, k, 0)  # only the first batch takes the carried rows
-            return (tf.concat([carry_x[:head], self._take(xs, rows)], 0),
-                    tf.concat([carry_y[:head], self._take(ys, rows)], 0))
-        return tf.data.Dataset.range(n).map(batch, num_parallel_calls=tf.data.AUTOTUNE,
-                                            deterministic=True)
+        """The group's batches: the completed carried batch, if any, then slices of its rows."""
+        first, x, y, has_first = group
+        slices = tf.data.Dataset.range(tf.shape(y, out_type=tf.int64)[0] // per_replica).map(
+            lambda b: (x[b * per_replica:(b + 1) * per_replica],
+                       y[b * per_replica:(b + 1) * per_replica]))
+        return tf.data.Dataset.from_tensors(first).take(has_first).concatenate(slices)
 
     def _ids(self, shards: tf.Tensor) -> list[tf.Tensor]:
         """The group's shard indices, -1 where the last group is short."""
