@@ -391,7 +391,7 @@ class PairReader:
     Per group of shards: the files are read and decoded once and this host's rows of the group
     put in epoch order (one copy); its batches are then slices of that, with no copy (a scan
     carries the rows of a batch that a group ends part-way into the next group). One group is
-    read while the previous one is served."""
+    read while the previous one is served: about three groups' rows in memory."""
 
     def __init__(self, pairs: PairSet, global_batch: int, seed: int,
                  shards_in_memory: int = SHARDS_IN_MEMORY):
@@ -473,7 +473,8 @@ class PairReader:
     def _in_order(parts: list[tf.Tensor], permutation: tf.Tensor, mine: tf.Tensor) -> tf.Tensor:
         """This host's rows of a group (the rows of `parts`, one shard after the other) in epoch
         order. Every row is copied once, straight from its shard to its place: this host's rows
-        first, then the other hosts' (cut off), so no concat of the shards and no second copy."""
+        first, then the other hosts' (sliced off, but in the same buffer: a host holds whole
+        groups, as it held whole shards), so no concat of the shards and no second copy."""
         order = tf.concat([tf.boolean_mask(permutation, mine), tf.boolean_mask(permutation, ~mine)], 0)
         places = tf.math.invert_permutation(tf.cast(order, tf.int32))
         where = tf.split(places, [tf.shape(p)[0] for p in parts]) if len(parts) > 1 else [places]
