@@ -175,7 +175,6 @@ def _generate_shard(sh: Shard, s: PairSettings, teacher_fn, gen_batch: int, bar,
     return x, y
 
 
-
 def _check_same_settings(folder: str, manifest: dict, settings: dict) -> None:
     def norm(v):  # JSON turns tuples into lists
         return list(v) if isinstance(v, tuple) else v

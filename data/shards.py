@@ -11,8 +11,8 @@ counter-based generator (stream 0: train, 1: test), so any shard can be regenera
 (no manifest) are read too.
 
 The folder may be on any tf.io.gfile filesystem (`gs://...`, `ram://...`). The training reader
-(PairReader) reads whole shards with TensorFlow's file ops, two groups of two shards at a time at
-most; the held-out pairs are memory-mapped where the folder is local.
+(PairReader) reads whole shards with TensorFlow's file ops, a group of two at a time (about three
+groups in memory); the held-out pairs are memory-mapped where the folder is local.
 
 No lock: each shard's record (its files' sizes and checksums, with the set's settings) is its own
 manifest part, `manifest.{shard}.json`, written once under its final name, complete, by the worker
@@ -346,14 +346,14 @@ def _check_arrays(folder: str, s: Shard, image_shape, compact: bool) -> dict[str
 
 # -- the training reader: a tf.data graph ----------------------------------------------------------
 # The order of an epoch is a pure function of (seed, epoch), the same for any number of workers:
-# the train shards in a shuffled order, taken SHARDS_IN_MEMORY at a time (a "group"); the
+# the train shards in a shuffled order, taken SHARDS_PER_GROUP at a time (a "group"); the
 # examples of a group shuffled together; the groups' examples one after the other, cut into
 # global batches (a last partial batch is dropped). Worker i of n takes the i-th n-th of every
 # global batch. Both shuffles are TensorFlow's stateless_shuffle, keyed by stateless_fold_in of
 # (seed, epoch) and of the group, so the whole reader is graph ops: shards are read with
 # tf.io.read_file (any tf.io.gfile path), their rows taken after the .npy header by decode_raw.
 
-SHARDS_IN_MEMORY = 2
+SHARDS_PER_GROUP = 2
 READER_KEY = 0x5EED_DA7A  # keeps the reader's random streams apart from any other use of `seed`
 
 
@@ -394,9 +394,9 @@ class PairReader:
     read while the previous one is served: about three groups' rows in memory."""
 
     def __init__(self, pairs: PairSet, global_batch: int, seed: int,
-                 shards_in_memory: int = SHARDS_IN_MEMORY):
+                 shards_per_group: int = SHARDS_PER_GROUP):
         self.pairs, self.global_batch, self.seed = pairs, global_batch, seed
-        self.k = shards_in_memory
+        self.k = shards_per_group
         self.n_shards = len(pairs.train)
         self.used = steps_per_epoch(pairs, global_batch) * global_batch  # positions of an epoch
         if self.used == 0:
