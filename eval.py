@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
 from models.configs import CONFIGS, get_config
-from utils.cli import (Parser, UserError, existing_dir, existing_file, existing_path, new_file,
-                       output_dir, positive_int, run, seed_int, weights_path, writable_dir)
+from utils.cli import (Parser, UserError, add_solver_flags, existing_dir, existing_file,
+                       existing_path, new_file, output_dir, positive_int, run, seed_int,
+                       weights_path, writable_dir)
 
 
 def _dataset_arg(p: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser, n_images: int | None = 20,
                    n_help: str = "how many images") -> None:
+    from models.diffusion import DPMPP_STEPS, SOLVERS, SPACINGS
     g = p.add_argument_group("sampling")
     g.add_argument("--n_images", type=positive_int, default=n_images, help=n_help)
     g.add_argument("--batch_size", type=positive_int, default=20, help="images per network call")
@@ -42,8 +43,9 @@ def _sampling_args(p: argparse.ArgumentParser, n_images: int | None = 20,
                    help="training run, converted checkpoint, diffusers folder, or folder with "
                         "{dataset}_ema_model.h5")
     g.add_argument("--sampler", choices=["student", "teacher"], default="student",
-                   help="one-step student (default), or the DDIM teacher loop run on the weights "
-                        "(for comparisons; digits: the shipped teacher)")
+                   help="one-step student (default), or the teacher's solver loop run on the "
+                        "weights (for comparisons; digits: the shipped teacher)")
+    add_solver_flags(g, SOLVERS, SPACINGS, DPMPP_STEPS)
     _arithmetic_args(p)
 
 
@@ -54,19 +56,6 @@ def _arithmetic_args(p: argparse.ArgumentParser, xla_help: str = "compile the ne
     g = p.add_argument_group("arithmetic")
     g.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True, help=xla_help)
     g.add_argument("--bf16", action="store_true", help=bf16_help)
-
-
-def _precision(args, rewrite: bool = True) -> tuple[str, bool]:
-    """(the network's compute dtype, whether to XLA-compile it) for --bf16 / --xla. rewrite=False:
-    never the CPU's process-wide graph rewrite (fid: it would reach the Inception network too)."""
-    if not getattr(args, "bf16", False):
-        return "float32", args.xla
-    from utils.precision import ONEDNN, enable_bf16
-    if rewrite and enable_bf16() == ONEDNN:
-        print("bf16: oneDNN mixed precision (a graph rewrite: the network runs without XLA)")
-        return "float32", False
-    print("bf16: the network's compute dtype")
-    return "bfloat16", args.xla
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("measurement")
     g.add_argument("--batch_size", type=positive_int, default=64, help="images per call")
     g.add_argument("--repeats", type=positive_int, default=3, help="timed runs (the best counts)")
+    from models.diffusion import DPMPP_STEPS, SOLVERS, SPACINGS
+    add_solver_flags(g, SOLVERS, SPACINGS, DPMPP_STEPS)
     g.add_argument("--model_dir", default=None, type=weights_path,
                    help="student weights (random weights if none: the cost depends only on the "
                         "architecture)")
@@ -177,20 +168,18 @@ def next_free(folder: str, stem: str) -> str:
 
 
 def _sampler(args, cfg, rewrite: bool = True):
-    """The sampling function: the student's one step, or (--sampler teacher) the DDIM loop."""
-    from models.diffusion import ddim_fn, student_fn
-    from utils.evaluate.sampling import load_student
-    dtype, xla = _precision(args, rewrite)
-    if args.sampler == "teacher":
-        from models.weights import load_unet
-        from utils.evaluate.sampling import default_teacher
-        model, weights = load_unet(args.model_dir or default_teacher(cfg), cfg, compute_dtype=dtype)
-        print(f"teacher (DDIM, {cfg.sampler.steps} {cfg.sampler.skip_type} steps): "
-              f"{weights.describe()}")
-        return ddim_fn(model, cfg.sampler, xla)
-    model, weights = load_student(args.model_dir, cfg, compute_dtype=dtype)
-    print(f"student: {weights.describe()}")
-    return student_fn(model, xla)
+    """The sampling function: the student's one step, or (--sampler teacher) its solver loop."""
+    from models.diffusion import choose_sampler
+    from utils.evaluate.sampling import make_sampler
+    from utils.precision import network_precision
+    teacher = None
+    if args.sampler == "teacher" or args.solver or args.solver_steps or args.solver_spacing:
+        if args.sampler != "teacher":
+            raise UserError("--solver, --solver_steps and --solver_spacing choose the teacher's "
+                            "sampler: add --sampler teacher")
+        teacher = choose_sampler(cfg.sampler, args.solver, args.solver_steps, args.solver_spacing)
+    dtype, xla = network_precision(args.bf16, args.xla, rewrite)
+    return make_sampler(cfg, args.model_dir, teacher=teacher, compute_dtype=dtype, xla=xla)
 
 
 def cmd_figures(args, cfg) -> None:
@@ -272,150 +261,25 @@ against its held-out digits (a Frechet distance, not an FID): no Inception optio
 
 
 def cmd_fid(args, cfg) -> None:
-    if cfg.fid_features == "digit_classifier":
-        return _digits_fd(args, cfg)
-    from utils.evaluate import fid
-    from utils.evaluate.inception import load_inception
-    if args.real and not (args.reference or args.save_stats):
-        raise UserError("--real with neither --reference nor --save_stats measures nothing")
-    if args.n_images == 1:
-        raise UserError("--n_images 1: statistics need at least 2 images")
-    if args.save_stats and not args.save_stats.endswith(".npz"):
-        raise UserError(f"--save_stats {args.save_stats}: the name must end in .npz (what "
-                        f"--reference reads as statistics)")
-    # Everything that can fail is checked before the hours of feature extraction: folders and
-    # files first (instant), then the network, the weights and the dataset.
-    folder = fid.ImageFolder(args.images, args.fid_batch, limit=args.n_images) if args.images \
-        else None
-    reference, ref_name = _fid_reference_given(args)
-    for images, what in ((folder, args.images), (reference, args.reference)):
-        if isinstance(images, fid.ImageFolder) and images.num_examples < 2:
-            raise UserError(f"{what} holds one image; statistics need at least 2")
-    net = load_inception(args.inception)
-    tag = net.provenance.describe()
-    print(f"network: {tag}")
-    if isinstance(reference, fid.Statistics):
-        fid.require_dim(reference, net.dim, args.reference)
-    if reference is None and not args.real:
-        reference, ref_name = _fid_default_reference(args, cfg, net)
-    images, total, name = _fid_measured(args, cfg, folder)
-    stats = fid.compute_statistics(images, net, args.fid_batch, total=total, network=tag,
-                                   limit=None if folder else total)
-    if args.save_stats:
-        fid.save_statistics(args.save_stats, stats)
-        print(f"wrote {args.save_stats} ({stats.count:,} images)")
-    if reference is None:
-        return
-    if not isinstance(reference, fid.Statistics):  # images: their statistics now
-        reference = _reference_statistics(args, cfg, net, reference)
-    for what, n in ((name, stats.count), (ref_name, reference.count)):
-        if n is not None and n < fid.STABLE_COUNT:
-            print(f"warning: {n:,} {what}: with fewer than {fid.STABLE_COUNT:,} images the "
-                  f"FID is biased and unstable (the paper's is over 50,000)")
-    value = fid.frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
-    ref_count = f"{reference.count:,}" if reference.count is not None else "an unrecorded number of"
-    print(f"FID of {stats.count:,} {name} vs {ref_count} {ref_name}; {tag}: {value:.4f}")
-
-
-def _fid_measured(args, cfg, folder):
-    """(uint8 batches, expected count, description) of the measured images."""
-    from utils.evaluate import fid
-    from utils.evaluate.sampling import sample_batches
-    if folder is not None:
-        return folder, folder.num_examples, f"images of {args.images}"
-    if args.real:
-        ref = fid.reference_images(cfg.name, args.split, args.data_dir)
-        n = args.n_images or ref.num_examples
-        return ref, n, f"real {cfg.name} {args.split} images"
-    n = args.n_images or 50_000
-    sample = _sampler(args, cfg, rewrite=False)  # --bf16: the compute dtype, Inception untouched
-    return ((b for _, b in sample_batches(sample, cfg, np.arange(n), args.batch_size, args.seed)),
-            n, "samples")
-
-
-def _fid_reference_given(args):
-    """--reference, checked now: Statistics, or an image folder to measure after the samples
-    (None if not given); and its description."""
-    from utils.evaluate import fid
-    if not args.reference:
-        return None, ""
-    if os.path.isdir(args.reference):
-        return fid.ImageFolder(args.reference, args.fid_batch), f"images of {args.reference}"
-    if not args.reference.endswith(".npz"):
-        raise UserError(f"--reference {args.reference}: neither a folder of images nor a "
-                        f"statistics file (.npz)")
-    return fid.load_statistics(args.reference), args.reference
-
-
-def _fid_default_reference(args, cfg, net):
-    """The dataset's real images: their cached statistics, else the images (checked now)."""
-    from utils.evaluate import fid
-    name = f"real {cfg.name} {args.split} images"
-    cache = _stats_cache(args, cfg, net)
-    if os.path.exists(cache):
-        return fid.load_statistics(cache, dim=net.dim), f"{name} ({cache})"
-    return fid.reference_images(cfg.name, args.split, args.data_dir), name
-
-
-def _stats_cache(args, cfg, net) -> str:
-    return os.path.join("fid_stats", f"{cfg.name}_{args.split}_{net.provenance.tag}.npz")
-
-
-def _reference_statistics(args, cfg, net, images):
-    """Statistics of the reference images; the dataset's are kept in fid_stats/ for next time."""
-    from utils.evaluate import fid
-    tag = net.provenance.describe()
-    stats = fid.compute_statistics(images, net, args.fid_batch, total=images.num_examples,
-                                   network=tag)
-    if isinstance(images, fid.ReferenceImages):
-        cache = _stats_cache(args, cfg, net)
-        fid.save_statistics(cache, stats)
-        print(f"cached the reference statistics in {cache}")
-    return stats
-
-
-def _digits_fd(args, cfg) -> None:
-    """digits: the Frechet distance of the digit classifier's features to the held-out digits."""
-    from utils.evaluate.digit_classifier import digits_fd
-    from utils.evaluate.sampling import sample_batches
-    given = [f for f, v in (("--reference", args.reference), ("--save_stats", args.save_stats),
-                            ("--inception", args.inception), ("--real", args.real)) if v]
-    if given:
-        raise UserError(f"{cfg.name} is scored with its digit classifier, not Inception: "
-                        f"{', '.join(given)} do not apply")
-    if args.images:
-        from utils.images import load_png
-        files = sorted(f for f in os.listdir(args.images) if f.endswith(".png"))
-        if not files:
-            raise UserError(f"no PNG images in {args.images}")
-        images = np.stack([load_png(os.path.join(args.images, f))
-                           for f in files[:args.n_images or len(files)]])
-    else:
-        sample = _sampler(args, cfg)
-        n = args.n_images or 50_000
-        images = np.concatenate([b for _, b in sample_batches(sample, cfg, np.arange(n),
-                                                               args.batch_size, args.seed)])
-    print(f"FD of {len(images):,} {cfg.name} images vs the real held-out digits, in the digit "
-          f"classifier's features: {digits_fd(images):.4f}")
-
-
-def best_seconds(fn, x, repeats: int) -> float:
-    fn(x).numpy()  # warm-up: tracing and compilation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x).numpy()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    from utils.evaluate.fid import FIDRequest, measure
+    # --bf16 samples by the compute dtype (rewrite=False): the CPU's graph rewrite would reach
+    # the Inception network too
+    measure(FIDRequest(
+        cfg, make_sampler=lambda: _sampler(args, cfg, rewrite=cfg.fid_features != "inception"),
+        images=args.images,
+        real=args.real, reference=args.reference, data_dir=args.data_dir, split=args.split,
+        inception=args.inception, save_stats=args.save_stats, fid_batch=args.fid_batch,
+        n_images=args.n_images, batch_size=args.batch_size, seed=args.seed))
 
 
 def cmd_speed(args, cfg) -> None:
-    import tensorflow as tf
-
+    from models.diffusion import choose_sampler
     from models.unet import UNet
     from models.weights import WeightsError
-    from models.diffusion import STUDENT_T, ddim_fn, ddim_plan, student_fn
-    from utils.evaluate.sampling import load_student, noise_for
+    from utils.evaluate.sampling import load_student
+    from utils.evaluate.speed import measure_speed
+    from utils.precision import network_precision
+    sampler = choose_sampler(cfg.sampler, args.solver, args.solver_steps, args.solver_spacing)
     try:
         model, weights = load_student(args.model_dir, cfg)
         print(f"weights: {weights.describe()}")
@@ -425,55 +289,28 @@ def cmd_speed(args, cfg) -> None:
         model = UNet(cfg.network)
         print(f"weights: random (no checkpoint found: {str(e).split(':')[0]}); speed depends only "
               f"on the architecture")
-    z = noise_for(np.arange(args.batch_size), cfg, 0)
-    # t is built inside, as in the student, so both let XLA fold the constant timestep embedding
-    bare = tf.function(lambda v: model(v, tf.fill([tf.shape(v)[0]], STUDENT_T)),
-                       jit_compile=args.xla)
-    s_bare = best_seconds(bare, z, args.repeats)
-    student = student_fn(model, args.xla)
-    s_student = best_seconds(student, z, args.repeats)
-    reference = student(z).numpy()  # float32, before --bf16 can rewrite what runs next
-    teacher = ddim_fn(model, cfg.sampler, args.xla)  # same network, so the same cost per call
-    s_teacher = best_seconds(teacher, z, max(1, args.repeats - 2))
-    calls = ddim_plan(cfg.sampler).n_calls
-    b = args.batch_size
-    print(f"device: {tf.config.list_logical_devices()[-1].name}, batch {b}, xla {args.xla}")
-    print(f"bare forward pass:      {b / s_bare:10.2f} img/s")
-    print(f"student (1 call):       {b / s_student:10.2f} img/s ({s_bare / s_student:.3f}x bare)")
-    print(f"teacher ({calls} calls):  {b / s_teacher:10.2f} img/s")
-    print(f"student / teacher:      {s_teacher / s_student:10.1f}x faster")
-    if args.bf16:  # the same student again in bfloat16, in this process: the ratio
-        dtype, xla = _precision(args)
-        fast = UNet(model.cfg, compute_dtype=dtype)
-        for a, c in zip(fast.weights, model.weights):
-            a.assign(c)
-        fast_student = student_fn(fast, xla)
-        s_bf16 = best_seconds(fast_student, z, args.repeats)
-        drift = np.abs(fast_student(z).numpy() - reference)
-        print(f"student, bfloat16:      {b / s_bf16:10.2f} img/s ({s_student / s_bf16:.2f}x float32; "
-              f"largest output difference {drift.max():.3g})")
+    bf16 = (lambda: network_precision(True, args.xla)) if args.bf16 else None
+    measure_speed(model, cfg, sampler, args.batch_size, args.repeats, args.xla, bf16)
 
 
 def cmd_info(args, cfg) -> None:
-    from models.diffusion import STUDENT_T, ddim_plan, timestep_sequence
+    from models.diffusion import STUDENT_T, describe_sampler, solver_plan
     from models.unet import UNet, count_parameters
-    net, smp, pairs, tr = cfg.network, cfg.sampler, cfg.pairs, cfg.train
-    plan = ddim_plan(smp)
+    net, pairs, tr = cfg.network, cfg.pairs, cfg.train
+    calls = solver_plan(cfg.sampler).n_calls
     print(f"dataset: {cfg.name}" + (f" ({cfg.description})" if cfg.description else ""))
     print(f"resolution: {net.resolution}x{net.resolution}x{net.in_ch}")
     print(f"network: ch={net.ch} ch_mult={net.ch_mult} num_res_blocks={net.num_res_blocks} "
           f"attn_resolutions={net.attn_resolutions} gn_eps={net.gn_eps:g}")
     print(f"parameters: {count_parameters(UNet(net)):,}")
     print(f"teacher: {cfg.teacher}")
-    print(f"teacher sampler: DDIM eta={smp.eta:g}, {smp.steps} {smp.skip_type} steps "
-          f"(t up to {max(timestep_sequence(smp))}), network calls: {plan.n_calls}")
-    print(f"student: 1 network call at t={STUDENT_T} (speed-up in calls: {plan.n_calls}x)")
+    print(f"teacher sampler: {describe_sampler(cfg.sampler)}, network calls: {calls}")
+    print(f"student: 1 network call at t={STUDENT_T} (speed-up in calls: {calls}x)")
     print(f"pairs: {pairs.n_examples:,} train in shards of {pairs.shard_size:,}, {pairs.n_test:,} test")
     opt = tr.optim
     print(f"training: batch {tr.batch_size}, loss {tr.loss}, lr {opt.lr:g} (warmup {opt.warmup_steps}"
           f", then {opt.lr_decay}), adam betas ({opt.beta_1:g}, {opt.beta_2:g}) eps {opt.epsilon:g}, "
-          f"ema {opt.ema_decay:g}, "
-          f"epochs {tr.epochs}")
+          f"ema {opt.ema_decay:g}, epochs {tr.epochs}")
 
 
 def cmd_export(args, cfg) -> None:

@@ -20,16 +20,16 @@ import os
 import shlex
 import sys
 
-from models.configs import (CKPT_EVERY, CONFIGS, DatasetConfig, OptimConfig, TrainConfig,
-                            get_config, real_images_source)
-from utils import fileio
-from utils.cli import (Parser, UserError, add_flags, existing_dir, nonempty, output_dir, overridden,
-                       positive_int, run, seed_int, weights_path, writable_dir)
-
-DEFAULT_TEACHER_DIRS = ("./teachers", "./official_models", "./Original_Models")
+from models.configs import (CKPT_EVERY, CONFIGS, STEPS_PER_CALL, DatasetConfig, OptimConfig,
+                            TrainConfig, get_config, real_images_source)
+from utils.cli import (Parser, add_flags, add_solver_flags, existing_dir, nonempty, output_dir,
+                       overridden, positive_int, run, seed_int, weights_path, writable_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # TensorFlow's modules: imported once run() has quietened it
+    from models.diffusion import DPMPP_STEPS, LOSSES, SOLVERS, SPACINGS
+    from models.weights import DEFAULT_TEACHER_DIRS
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", metavar="DATASET", choices=list(CONFIGS),
                    help=f"one of: {', '.join(CONFIGS)}")
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen_batch_size", type=positive_int,
                    help="teacher batch for generation (default: per dataset, else twice the "
                         "training batch)")
+    add_solver_flags(g, SOLVERS, SPACINGS, DPMPP_STEPS)
     g.add_argument("--generate_only", action="store_true", help="stop after stage 1")
     g.add_argument("--no_generate", action="store_true",
                    help="never generate: fail if the pair set is missing or incomplete")
@@ -76,15 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the CPU into N logical replicas (for trying multi-replica code)")
     d.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the teacher loop and the training step with XLA")
-    d.add_argument("--steps_per_call", type=positive_int, default=8,
+    d.add_argument("--steps_per_call", type=positive_int, default=STEPS_PER_CALL,
                    help="optimizer steps per compiled call: the host waits for the devices once "
                         "per call; calls stop short at checkpoints and epoch ends, so the weights "
-                        "are the same for any value. 8 gave 1.17-1.43x the steps/s of 1 on the "
-                        "tiny config here (bench/reader.py); raise it where steps are short "
-                        "against the host round trip (TPUs, fast GPUs)")
+                        f"are the same for any value (default {STEPS_PER_CALL}; raise it where "
+                        "steps are short against the host round trip: TPUs, fast GPUs; "
+                        "docs/performance.md)")
     d.add_argument("--no_progress", action="store_true", help="no progress bars")
     t = p.add_argument_group("student training (stage 2; defaults: the paper's, per dataset)")
-    add_flags(t, TrainConfig)  # --batch_size --loss --epochs
+    add_flags(t, TrainConfig, choices={"loss": tuple(LOSSES)})  # --batch_size --loss --epochs
     add_flags(t, OptimConfig)  # --lr --warmup_steps --ema_decay --beta_1 --beta_2 ...
     t.add_argument("--grad_accum", type=positive_int, default=1,
                    help="accumulate K micro-batches of batch_size/K per update (same update as "
@@ -106,31 +107,19 @@ def resolve_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy=None)
     """--teacher; else with --teacher_dataset a teacher trained in SAVEDIR (stage 0, trained now if
     not there yet); else the teacher shipped in models/pretrained (digits); else stage 0 for a
     dataset with teacher-training settings; else the official weights in the default folders."""
-    from utils.evaluate.sampling import shipped
+    from models.weights import find_teacher, shipped
     from utils.train.teacher import trained_teacher
     if args.teacher:
-        if not fileio.exists(args.teacher) and not fileio.exists(args.teacher + ".index"):
-            raise UserError(f"teacher not found: {args.teacher}")
         return args.teacher
     if args.teacher_dataset or (cfg.teacher_train and not shipped(cfg, "teacher")):
         return trained_teacher(args.savedir) or stage_teacher(args, cfg, strategy)
-    if shipped(cfg, "teacher"):
-        return shipped(cfg, "teacher")
-    candidates = [os.path.join(DEFAULT_TEACHER_DIRS[0], cfg.name),
-                  os.path.join(DEFAULT_TEACHER_DIRS[1], cfg.teacher_file),
-                  os.path.join(DEFAULT_TEACHER_DIRS[2], f"model_tf2_{cfg.name}.h5")]
-    for c in candidates:
-        if os.path.exists(c) or os.path.exists(c + ".index"):
-            return c
-    raise UserError(f"no teacher weights for {cfg.name}: pass --teacher, or put them at one of "
-                    f"{', '.join(candidates)} (official DDPM checkpoints: "
-                    f"https://github.com/hojonathanho/diffusion; DDIM CelebA: "
-                    f"https://github.com/ermongroup/ddim), or train one with --teacher_dataset")
+    return find_teacher(cfg)
 
 
 def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str:
     """Stage 0: train a DDPM teacher on real images (resumes if interrupted)."""
     from data.datasets import real_images
+    from utils.errors import UserError
     from utils.train.teacher import train_teacher
     if strategy is None:
         raise UserError(f"no trained teacher in {args.savedir}")
@@ -146,57 +135,21 @@ def stage_teacher(args: argparse.Namespace, cfg: DatasetConfig, strategy) -> str
 
 def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_path: str) -> str:
     """Make sure the pair set is complete (generating what is missing); returns its folder."""
-    from data.pairs import generate_pairs, make_teacher_fn, settings_for, wait_until_complete
-    from data.shards import header, is_complete, open_pair_set, read_manifest
-    from models.weights import load_unet
-    from utils.images import make_grid, save_png, to_uint8
-    from utils.strategy import worker_info
-
-    folder = pair_folder(args, cfg)
-    shape = cfg.network.image_shape
-    manifest = read_manifest(folder) if fileio.isdir(folder) else None
-    if args.no_generate or (manifest is None and fileio.isdir(folder)
-                            and any(f.startswith("y_train_") for f in fileio.listdir(folder))):
-        open_pair_set(folder, shape)  # ours complete, or the original's layout: use as is
-        return folder
-    dtype, xla = "float32", args.xla
-    complete = manifest is not None and is_complete(manifest)
-    wanted = "bfloat16" if args.bf16 else "float32"
-    made_in = header(manifest)["precision"] if complete else wanted  # a complete set is kept
-    if made_in != wanted:
-        print(f"pairs: complete and kept, made in {made_in} (the student trains in {wanted})")
-    elif args.bf16 and not complete:
-        from utils.precision import ONEDNN, enable_bf16
-        onednn = enable_bf16() == ONEDNN
-        dtype, xla = ("float32", False) if onednn else ("bfloat16", args.xla)
-        print(f"bf16: the teacher's pairs in bfloat16 ("
-              f"{'oneDNN mixed precision, no XLA' if onednn else 'its compute dtype'})")
-    with strategy.scope():
-        teacher, weights = load_unet(teacher_path, cfg, ema=not args.raw_teacher,
-                                     compute_dtype=dtype)
-    print(f"teacher: {weights.describe()}")
+    from data.pairs import Generation, ensure_pairs, settings_for
     settings = settings_for(cfg, seed=args.seed, n_examples=args.n_examples,
                             shard_size=args.shard_size, n_test=args.n_test, compact=args.compact,
-                            fewer=args.use_fewer_lsun_examples, teacher_sha256=weights.sha256,
-                            precision=made_in)
+                            fewer=args.use_fewer_lsun_examples, sampler=sampler_of(args, cfg))
     gen_batch = (args.gen_batch_size or cfg.pairs.gen_batch_size
                  or 2 * student_settings(args, cfg).train.batch_size)
-    preview_path = os.path.join(folder, "preview.png")
+    run = Generation(gen_batch, xla=args.xla, bf16=args.bf16, raw_teacher=args.raw_teacher,
+                     progress=not args.no_progress, no_generate=args.no_generate)
+    return ensure_pairs(pair_folder(args, cfg), cfg, settings, teacher_path, strategy, run)
 
-    def preview(images):
-        if not fileio.exists(preview_path):
-            save_png(preview_path, make_grid(to_uint8(images[:64])))
-    worker = worker_info()
-    try:
-        generate_pairs(folder, settings, make_teacher_fn(teacher, cfg, strategy, xla), gen_batch,
-                       worker=worker, progress=not args.no_progress, preview=preview)
-    finally:
-        if args.bf16:  # the student trains by its compute dtype, never by the CPU's graph rewrite
-            from utils.precision import disable_bf16
-            disable_bf16()
-    if worker[1] > 1:
-        wait_until_complete(folder)
-    return folder
+
+def sampler_of(args: argparse.Namespace, cfg: DatasetConfig):
+    """The teacher's sampler: the dataset's DDIM, or the solver, steps and spacing asked for."""
+    from models.diffusion import choose_sampler
+    return choose_sampler(cfg.sampler, args.solver, args.solver_steps, args.solver_spacing)
 
 
 def pair_folder(args: argparse.Namespace, cfg: DatasetConfig) -> str:
@@ -261,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.strategy import make_strategy
 
     # every flag was checked by its argparse type; what remains needs the data or the devices
+    sampler_of(args, cfg)  # a sampler that cannot be, refused before anything starts
     if args.no_generate:  # fail on a missing pair set before any teacher work
         from data.shards import open_pair_set
         open_pair_set(pair_folder(args, cfg), cfg.network.image_shape)

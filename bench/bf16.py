@@ -52,7 +52,7 @@ def child(part: str, setting: str, out: str, args: argparse.Namespace) -> None:
     import tensorflow as tf
 
     from models.configs import get_config
-    from models.diffusion import ddim_fn, student_fn
+    from models.diffusion import teacher_fn, student_fn
     from utils import precision
     path = SETTINGS[setting][1]
     if path == "onednn":
@@ -84,13 +84,14 @@ def child(part: str, setting: str, out: str, args: argparse.Namespace) -> None:
             results[f"seed_{seed}"] = np.concatenate(
                 [b for _, b in sample_batches(fn, cfg, np.arange(N_DIGITS), 512, seed)])
     elif part == "pairs":
-        from data.shards import TRAIN, example_noise
+        from data.shards import TRAIN
+        from models.diffusion import example_noise
         from models.weights import load_unet
         from utils.evaluate.sampling import default_teacher
         from utils.images import to_uint8
         cfg = get_config("digits")
         teacher, _ = load_unet(default_teacher(cfg), cfg, compute_dtype=dtype)
-        fn = ddim_fn(teacher, cfg.sampler, xla)
+        fn = teacher_fn(teacher, cfg.sampler, xla)
         x = example_noise(tf.range(N_DIGITS), 0, TRAIN, cfg.network.image_shape)
         start = time.perf_counter()
         results["y"] = to_uint8(np.concatenate([fn(x[i:i + 512]).numpy()

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from models.configs import SamplerConfig, get_config  # noqa: E402
-from models.diffusion import ddim_plan, ddim_sample  # noqa: E402
+from models.diffusion import ddim_plan, run_solver  # noqa: E402
 from models.weights import load_unet  # noqa: E402
 from utils.evaluate import digit_classifier as dc  # noqa: E402
 from models.diffusion import student_fn  # noqa: E402
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def plan_sampler(model, plan, xla: bool):
     """seed -> (z -> x0 through the DDIM loop of `plan`), compiled once for all seeds; stochastic
     plans get a fresh seed each batch."""
-    fn = tf.function(lambda z, s: ddim_sample(lambda x, t: model(x, t), z, plan, s),
+    fn = tf.function(lambda z, s: run_solver(lambda x, t: model(x, t), z, plan, s),
                      jit_compile=xla)
 
     def for_seed(seed: int):

@@ -38,7 +38,8 @@ import tensorflow as tf  # noqa: E402
 
 from bench.forward import randomise  # noqa: E402
 from data.pairs import _generate_shard, make_teacher_fn, settings_for  # noqa: E402
-from data.shards import TRAIN, Shard, example_noise  # noqa: E402
+from data.shards import TRAIN, Shard  # noqa: E402
+from models.diffusion import example_noise  # noqa: E402
 from models.configs import get_config  # noqa: E402
 from models.diffusion import ddim_plan  # noqa: E402
 from models.unet import UNet  # noqa: E402
@@ -79,7 +80,7 @@ def measure(dataset: str, batch: int, batches: int, xla: bool) -> dict[str, list
         teacher = UNet(cfg.network)
     randomise(teacher)
     settings = settings_for(cfg, seed=0)
-    generate = batch_timer(make_teacher_fn(teacher, cfg, strategy, xla), settings, batch)
+    generate = batch_timer(make_teacher_fn(teacher, cfg.sampler, strategy, xla), settings, batch)
     net = tf.function(lambda x, t: teacher(x, t, training=False), jit_compile=xla)
     x = example_noise(tf.range(batch), 0, TRAIN, settings.image_shape)
     t = tf.fill([batch], int(ddim_plan(cfg.sampler).t[0]))

@@ -3,7 +3,7 @@ training steps per second with --steps_per_call 1 and 8.
 
   previous  the Python reader (data/shards.py `batches` at --previous, before the tf.data reader)
             through the previous input path: tf.data.Dataset.from_generator, one thread per host
-  tfdata    today's reader: data.shards.PairReader, a tf.data graph (tf.io.read_file, decode_raw,
+  tfdata    today's reader: data.reader.PairReader, a tf.data graph (tf.io.read_file, decode_raw,
             stateless shuffles, rebatch)
 
 each from a local folder and from ram:// (TensorFlow's in-memory filesystem, the stand-in for
@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from data import shards  # noqa: E402
+from data.reader import PairReader, steps_per_epoch  # noqa: E402
 from utils.train.loop import distributed_dataset  # noqa: E402
 
 SHAPE = (32, 32, 3)
@@ -100,8 +101,8 @@ def previous_data(module, folder: str, batch: int, strategy, epochs: int):
 
 def tfdata_data(folder: str, batch: int, strategy, epochs: int):
     pairs = shards.open_pair_set(folder, SHAPE)
-    reader = shards.PairReader(pairs, batch, seed=1)
-    steps = epochs * shards.steps_per_epoch(pairs, batch)
+    reader = PairReader(pairs, batch, seed=1)
+    steps = epochs * steps_per_epoch(pairs, batch)
     make = lambda epoch, start, ctx: reader.dataset(epoch, start, (0, 1), batch).take(steps)  # noqa
     return distributed_dataset(strategy, make, 0, 0), steps
 
@@ -139,7 +140,7 @@ def training_steps_per_second(steps_per_call: list[int], n_steps: int) -> dict[i
                     rng.integers(0, 256, (256, *cfg.network.image_shape), dtype=np.uint8))
         pairs = shards.open_pair_set(folder, cfg.network.image_shape)
         batch = cfg.train.batch_size
-        reader = shards.PairReader(pairs, batch, seed=0)
+        reader = PairReader(pairs, batch, seed=0)
         for n in steps_per_call:
             run = os.path.join(tmp, f"run{n}")
             trainer = Trainer(strategy, lambda: UNet(cfg.network), cfg.train.optim,

@@ -20,12 +20,15 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from data.shards import (FORMAT_VERSION, PairSetError, Shard, assemble_manifest, check_file,
-                         example_noise, header, is_complete, layout, npy_bytes, read_manifest,
+                         header, is_complete, layout, npy_bytes, open_pair_set, read_manifest,
                          save_npy_atomic, shard_files, write_part)
-from models.configs import DatasetConfig
-from models.diffusion import ddim_fn
+from models.configs import DatasetConfig, SamplerConfig
+from models.diffusion import describe_sampler, example_noise, teacher_fn
+from models.weights import load_unet
 from utils import fileio
-from utils.images import to_uint8
+from utils.images import make_grid, save_png, to_uint8
+from utils.precision import disable_bf16, pairs_precision
+from utils.strategy import worker_info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +48,16 @@ class PairSettings:
 
 def settings_for(cfg: DatasetConfig, *, seed: int, n_examples: int | None = None,
                  shard_size: int | None = None, n_test: int | None = None,
-                 compact: bool = False, fewer: bool = False,
+                 compact: bool = False, fewer: bool = False, sampler: SamplerConfig | None = None,
                  teacher_sha256: str | None = None, precision: str = "float32") -> PairSettings:
+    """The settings of a pair set: the dataset's, with any of them given here instead."""
     p, net = cfg.pairs, cfg.network
     if n_examples is None:
         n_examples = p.n_examples_fewer if fewer and p.n_examples_fewer else p.n_examples
     return PairSettings(cfg.name, seed, n_examples, shard_size or p.shard_size,
                         p.n_test if n_test is None else n_test, compact,
                         net.image_shape,
-                        dataclasses.asdict(cfg.sampler), teacher_sha256, precision)
+                        dataclasses.asdict(sampler or cfg.sampler), teacher_sha256, precision)
 
 
 def bytes_needed(s: PairSettings, shards: list[Shard]) -> int:
@@ -62,14 +66,14 @@ def bytes_needed(s: PairSettings, shards: list[Shard]) -> int:
     return sum(per)
 
 
-def make_teacher_fn(teacher: Callable, cfg: DatasetConfig, strategy: tf.distribute.Strategy,
+def make_teacher_fn(teacher: Callable, sampler: SamplerConfig, strategy: tf.distribute.Strategy,
                     xla: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """X_T [B, H, W, C] -> teacher DDIM output in [-1, 1] (unclipped), the batch split over the
-    replicas of this worker. One compiled while-loop per replica."""
+    """X_T [B, H, W, C] -> the teacher solver's output in [-1, 1] (unclipped), the batch split
+    over the replicas of this worker. One compiled while-loop per replica."""
     local = strategy.extended.worker_devices
     # XLA inside strategy.run with mirrored variables fails ("variable on a different device");
     # compile only where one replica runs per worker (TPUs compile anyway).
-    sample = ddim_fn(teacher, cfg.sampler, xla and len(local) == 1)
+    sample = teacher_fn(teacher, sampler, xla and len(local) == 1)
 
     @tf.function
     def distributed(x):
@@ -93,6 +97,53 @@ def _first_local_replica_id(strategy: tf.distribute.Strategy) -> int:
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return strategy.cluster_resolver.task_id * len(strategy.extended.worker_devices)
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """How stage 1 runs (none of it changes the pairs' bytes but the precision)."""
+    gen_batch: int
+    xla: bool = True
+    bf16: bool = False
+    raw_teacher: bool = False
+    progress: bool = True
+    no_generate: bool = False
+
+
+def ensure_pairs(folder: str, cfg: DatasetConfig, settings: PairSettings, teacher_path: str,
+                 strategy: tf.distribute.Strategy, run: Generation) -> str:
+    """Make sure the pair set in `folder` is complete, generating what is missing with the
+    teacher at `teacher_path` (settings.teacher_sha256 and precision are filled in here); a set
+    of the original's layout (no manifest) is used as it is. Returns the folder."""
+    manifest = read_manifest(folder) if fileio.isdir(folder) else None
+    original = (manifest is None and fileio.isdir(folder)
+                and any(f.startswith("y_train_") for f in fileio.listdir(folder)))
+    if run.no_generate or original:
+        open_pair_set(folder, cfg.network.image_shape)  # complete, or a one-line error
+        return folder
+    complete = manifest is not None and is_complete(manifest)
+    precision, dtype, xla = pairs_precision(run.bf16, header(manifest)["precision"] if complete
+                                            else None, run.xla)
+    with strategy.scope():
+        teacher, weights = load_unet(teacher_path, cfg, ema=not run.raw_teacher, compute_dtype=dtype)
+    sampler = SamplerConfig(**settings.sampler)
+    print(f"teacher: {weights.describe()}\nsampler: {describe_sampler(sampler)}")
+    settings = dataclasses.replace(settings, teacher_sha256=weights.sha256, precision=precision)
+    preview_path = os.path.join(folder, "preview.png")
+
+    def preview(images):
+        if not fileio.exists(preview_path):
+            save_png(preview_path, make_grid(to_uint8(images[:64])))
+    worker = worker_info()
+    try:
+        generate_pairs(folder, settings, make_teacher_fn(teacher, sampler, strategy, xla),
+                       run.gen_batch, worker=worker, progress=run.progress, preview=preview)
+    finally:
+        if run.bf16:  # the student trains by its compute dtype, never by the CPU's graph rewrite
+            disable_bf16()
+    if worker[1] > 1:
+        wait_until_complete(folder)
+    return folder
 
 
 def my_shards(shards: list[Shard], worker: tuple[int, int]) -> list[Shard]:
@@ -178,9 +229,18 @@ def _generate_shard(sh: Shard, s: PairSettings, teacher_fn, gen_batch: int, bar,
 def _check_same_settings(folder: str, manifest: dict, settings: dict) -> None:
     def norm(v):  # JSON turns tuples into lists
         return list(v) if isinstance(v, tuple) else v
+
+    def words(k, v):  # the sampler in words: "DDIM, 50 quadratic steps (...)"
+        if k == "sampler" and isinstance(v, dict):
+            try:
+                return describe_sampler(SamplerConfig(**v))
+            except (TypeError, ValueError):
+                pass
+        return repr(v)
     there = header(manifest)  # settings recorded only later filled in
     diff = [k for k, v in settings.items() if norm(there.get(k)) != norm(v)]
     if diff:
-        shown = ", ".join(f"{k}: {there.get(k)!r} there, {settings[k]!r} now" for k in diff[:3])
+        shown = ", ".join(f"{k}: {words(k, there.get(k))} there, {words(k, settings[k])} now"
+                          for k in diff[:3])
         raise PairSetError(f"{folder} holds pairs made with other settings ({shown}); "
                            f"use another --datadir or the same settings")

@@ -15,6 +15,7 @@ from utils.cli import nonneg_int, positive_float, positive_int, unit_interval
 from utils.errors import UserError
 
 CKPT_EVERY = 2000  # default steps between checkpoints: the student's, and the teacher's at most
+STEPS_PER_CALL = 8  # optimizer steps per compiled call, everywhere (docs/performance.md)
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,15 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """The teacher's deterministic DDIM sampler."""
-    steps: int
-    skip_type: str  # "quadratic" or "uniform"
+    """The teacher's sampler: the paper's deterministic DDIM by default (models/diffusion.py has
+    the solvers)."""
+    steps: int  # timesteps of the sequence (DDIM's quadratic repeats are skipped: fewer calls)
+    skip_type: str  # the spacing: "quadratic" or "uniform" (DDIM's code), "linspace" (diffusers')
     num_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
     eta: float = 0.0
+    solver: str = "ddim"  # or "dpmpp_2m"
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ class TrainConfig:
     """Student distillation hyperparameters (original values). The student is the teacher's
     network called at the constant timestep models.diffusion.STUDENT_T."""
     batch_size: int = field(metadata=_flag("global batch per optimizer update", positive_int))
-    loss: str = field(metadata=_flag("l1 (cifar10) or l2 (others)", choices=("l1", "l2")))
+    loss: str = field(metadata=_flag("the per-image loss (models.diffusion.LOSSES): l1 (the "
+                                     "paper's cifar10), l2 (its others), pseudo_huber"))
     epochs: float = field(metadata=_flag("epochs over the training pairs", positive_float))
     optim: OptimConfig
 

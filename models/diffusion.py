@@ -1,14 +1,23 @@
-"""All sampler math, written once: the schedule, the timestep sequences, the DDIM loop and the
-student's one-step map.
+"""All sampler math, written once: the schedule, the teacher's solvers as tables of per-call
+coefficients run by one compiled loop, the noise of every example, the student's one-step map and
+the losses.
 
-The DDIM step x_{t'} = sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z with x0 = (x - sqrt(1-a) eps)/sqrt(a)
-is applied in the equivalent form x_{t'} = c_x x + c_eps eps + s z, with the coefficients computed once
-in float64. In that form a step with a' = a is exactly the identity (c_x = 1, c_eps = 0), which is what
-lets us drop the quadratic sequence's repeated zeros without changing a single bit, and the last step
-(a' = 1) returns x0.
+Solvers (SamplerConfig.solver):
+  ddim      DDIM (Song et al. 2021), the paper's teacher: x' = c_x x + c_eps eps + s z, with
+            x0 = (x - sqrt(1-a) eps)/sqrt(a) folded into c_x and c_eps. In that form a step with
+            a' = a is exactly the identity (c_x = 1, c_eps = 0), which is what lets us drop the
+            quadratic sequence's repeated zeros without changing a single bit, and the last step
+            (a' = 1) returns x0.
+  dpmpp_2m  DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095), data prediction, multistep order 2,
+            as diffusers' DPMSolverMultistepScheduler runs it (solver_type "midpoint",
+            lower_order_final, final_sigmas_type "zero"): with x0_k the call's data prediction,
+            x' = (sigma'/sigma) x + w0 x0_k + w1 x0_{k-1}. Its first step is first order (exactly
+            DDIM between the same timesteps), and its last steps to sigma = 0, i.e. returns x0.
+Both are one table (SolverPlan), computed once in float64, and one loop (run_solver).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,8 +25,12 @@ import numpy as np
 import tensorflow as tf
 
 from models.configs import SamplerConfig
+from utils.errors import UserError
 
 STUDENT_T = 999  # the student is the teacher's network called at this constant timestep
+SOLVERS = ("ddim", "dpmpp_2m")
+SOLVER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)"}
+SPACINGS = ("quadratic", "uniform", "linspace")
 
 
 def linear_betas(cfg: SamplerConfig) -> np.ndarray:
@@ -30,30 +43,76 @@ def alpha_bars(cfg: SamplerConfig) -> np.ndarray:
 
 
 def timestep_sequence(cfg: SamplerConfig) -> list[int]:
-    """The DDIM teacher's timesteps, ascending, exactly as the DDIM code defines them (repeats kept)."""
+    """The sampler's timesteps, ascending (repeats kept). quadratic and uniform exactly as the DDIM
+    code defines them (quadratic starts at 0.8 T); linspace as diffusers' timestep_spacing
+    "linspace" (round(linspace(0, T - 1, N + 1)) without its last, 0: it starts at T - 1)."""
     if cfg.skip_type == "quadratic":
         seq = np.linspace(0, np.sqrt(cfg.num_timesteps * 0.8), cfg.steps) ** 2
         return [int(s) for s in seq]
     if cfg.skip_type == "uniform":
         return list(range(0, cfg.num_timesteps, cfg.num_timesteps // cfg.steps))
+    if cfg.skip_type == "linspace":
+        seq = np.linspace(0, cfg.num_timesteps - 1, cfg.steps + 1).round()[::-1][:-1]
+        return sorted(int(s) for s in seq)
     raise ValueError(f"unknown skip_type {cfg.skip_type!r}")
 
 
+DPMPP_STEPS = 16  # dpmpp_2m's default network calls: the trade measured by bench/samplers.py
+
+
+def choose_sampler(cfg: SamplerConfig, solver: str | None = None, steps: int | None = None,
+                   spacing: str | None = None) -> SamplerConfig:
+    """The dataset's sampler with a solver, steps and spacing chosen (None: the defaults: ddim
+    with the dataset's steps and spacing; dpmpp_2m with DPMPP_STEPS linspace steps, diffusers')."""
+    solver = solver or cfg.solver
+    if solver not in SOLVERS:
+        raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise UserError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if steps is not None and steps < 1:
+        raise UserError(f"{steps} solver steps: at least 1")
+    if solver == "ddim":
+        return dataclasses.replace(cfg, solver=solver, steps=steps or cfg.steps,
+                                   skip_type=spacing or cfg.skip_type)
+    if cfg.eta:
+        raise UserError(f"eta {cfg.eta:g} is DDIM's: DPM-Solver++ is deterministic (eta 0)")
+    return dataclasses.replace(cfg, solver=solver, steps=steps or DPMPP_STEPS,
+                               skip_type=spacing or "linspace")
+
+
+def describe_sampler(cfg: SamplerConfig) -> str:
+    """E.g. 'DDIM, 100 quadratic steps (96 network calls, from t = 800)'."""
+    plan = solver_plan(cfg)
+    eta = f", eta {cfg.eta:g}" if cfg.eta else ""
+    return (f"{SOLVER_NAMES[cfg.solver]}{eta}, {cfg.steps} {cfg.skip_type} steps "
+            f"({plan.n_calls} network calls, from t = {int(plan.t[0])})")
+
+
 @dataclass(frozen=True)
-class DDIMPlan:
-    """Per network call k: timestep t[k] and the update x <- c_x[k] x + c_eps[k] eps + sigma[k] z."""
+class SolverPlan:
+    """Per network call k at timestep t[k], with eps = the network's output and, where the solver
+    uses it, x0 = x0_x[k] x + x0_eps[k] eps (the data prediction):
+        x <- c_x[k] x + c_eps[k] eps + c_x0[k] x0 + c_prev[k] x0_{k-1} + sigma[k] z."""
     t: np.ndarray
     c_x: np.ndarray
     c_eps: np.ndarray
     sigma: np.ndarray
+    c_x0: np.ndarray | None = None  # None: the solver uses no data prediction (DDIM)
+    c_prev: np.ndarray | None = None
+    x0_x: np.ndarray | None = None
+    x0_eps: np.ndarray | None = None
 
     @property
     def n_calls(self) -> int:
         return len(self.t)
 
 
-def ddim_plan(cfg: SamplerConfig, eta: float | None = None, skip_identity: bool = True) -> DDIMPlan:
-    """The teacher's steps as coefficients; identity steps (t == t_next) dropped unless asked not to."""
+def _f32(v) -> np.ndarray:
+    return np.asarray(v, np.float64).astype(np.float32)
+
+
+def ddim_plan(cfg: SamplerConfig, eta: float | None = None, skip_identity: bool = True) -> SolverPlan:
+    """DDIM's steps as coefficients; identity steps (t == t_next) dropped unless asked not to."""
     eta = cfg.eta if eta is None else eta
     abar = alpha_bars(cfg)
     seq = timestep_sequence(cfg)
@@ -68,27 +127,81 @@ def ddim_plan(cfg: SamplerConfig, eta: float | None = None, skip_identity: bool 
         c_eps = np.sqrt(1 - a_next - sigma ** 2) - np.sqrt(a_next * (1 - a) / a)
         rows.append((t, c_x, c_eps, sigma))
     t, c_x, c_eps, sigma = zip(*rows)
-    f32 = lambda v: np.asarray(v, np.float64).astype(np.float32)
-    return DDIMPlan(np.asarray(t, np.int32), f32(c_x), f32(c_eps), f32(sigma))
+    return SolverPlan(np.asarray(t, np.int32), _f32(c_x), _f32(c_eps), _f32(sigma))
 
 
-def ddim_sample(eps_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], x_T: tf.Tensor, plan: DDIMPlan,
-                seed: tf.Tensor | None = None) -> tf.Tensor:
-    """Run the DDIM loop from x_T; returns x0 (unclipped). Graph-friendly: call it inside a tf.function
-    (and inside strategy.run) to get a compiled while-loop with one network call per step.
+def dpmpp_2m_plan(cfg: SamplerConfig) -> SolverPlan:
+    """DPM-Solver++(2M) over the sampler's timesteps (repeats dropped), then to sigma = 0.
+    alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t);
+    a step from s to t: h = lambda_t - lambda_s, and with r = h_prev / h
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) (D0 + (D0 - D_prev) / (2 r))
+    (first order, without the D_prev term, at the first step and the last)."""
+    if cfg.eta:
+        raise UserError(f"eta {cfg.eta:g} is DDIM's: DPM-Solver++ is deterministic (eta 0)")
+    abar = alpha_bars(cfg)
+    ts = sorted(set(timestep_sequence(cfg)), reverse=True)
+    alpha = np.sqrt(abar[ts])
+    sig = np.sqrt(1.0 - abar[ts])
+    lam = np.log(alpha) - np.log(sig)
+    rows = []
+    for k in range(len(ts)):
+        last = k == len(ts) - 1
+        if last:  # to sigma = 0: x0 itself (lambda = inf, e^-h = 0)
+            ratio, w = 0.0, 1.0
+        else:
+            h = lam[k + 1] - lam[k]
+            ratio, w = sig[k + 1] / sig[k], -alpha[k + 1] * np.expm1(-h)
+        if k == 0 or last:
+            w0, w1 = w, 0.0
+        else:
+            r = (lam[k] - lam[k - 1]) / (lam[k + 1] - lam[k])
+            w0, w1 = w * (1 + 0.5 / r), -w * 0.5 / r
+        rows.append((ratio, w0, w1, 1.0 / alpha[k], -sig[k] / alpha[k]))
+    ratio, w0, w1, x0_x, x0_eps = (_f32(c) for c in zip(*rows))
+    zero = np.zeros(len(ts), np.float32)
+    return SolverPlan(np.asarray(ts, np.int32), ratio, zero, zero, c_x0=w0, c_prev=w1,
+                      x0_x=x0_x, x0_eps=x0_eps)
+
+
+PLANS: dict[str, Callable[[SamplerConfig], SolverPlan]] = {"ddim": ddim_plan,
+                                                            "dpmpp_2m": dpmpp_2m_plan}
+
+
+def solver_plan(cfg: SamplerConfig) -> SolverPlan:
+    """The coefficient table of the sampler `cfg` describes (its solver, steps and spacing)."""
+    if cfg.solver not in PLANS:
+        raise UserError(f"unknown solver {cfg.solver!r}; choose one of {', '.join(PLANS)}")
+    return PLANS[cfg.solver](cfg)
+
+
+def run_solver(eps_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], x_T: tf.Tensor,
+               plan: SolverPlan, seed: tf.Tensor | None = None) -> tf.Tensor:
+    """Run a solver's plan from x_T; returns x0 (unclipped). Graph-friendly: call it inside a
+    tf.function (and inside strategy.run) to get a compiled while-loop with one network call per
+    step.
 
     `seed` (shape [2] int) drives the stateless noise of eta > 0; it is unused when eta = 0.
     """
+    consts = lambda v: tf.constant(v, dtype=x_T.dtype)
     ts = tf.constant(plan.t)
-    c_x, c_eps, sigma = (tf.constant(v, dtype=x_T.dtype) for v in (plan.c_x, plan.c_eps, plan.sigma))
+    c_x, c_eps, sigma = (consts(v) for v in (plan.c_x, plan.c_eps, plan.sigma))
     stochastic = bool(np.any(plan.sigma > 0))
+    multistep = plan.c_x0 is not None
     if stochastic and seed is None:
         raise ValueError("eta > 0 needs a seed")
     batch = tf.shape(x_T)[0]
-    x = x_T
+    x, prev = x_T, tf.zeros_like(x_T)
+    if multistep:
+        c_x0, c_prev, x0_x, x0_eps = (consts(v) for v in (plan.c_x0, plan.c_prev, plan.x0_x,
+                                                          plan.x0_eps))
     for k in tf.range(plan.n_calls):
         eps = tf.cast(eps_fn(x, tf.fill([batch], ts[k])), x.dtype)
-        x = c_x[k] * x + c_eps[k] * eps
+        if multistep:
+            x0 = x0_x[k] * x + x0_eps[k] * eps
+            x = c_x[k] * x + c_x0[k] * x0 + c_prev[k] * prev
+            prev = tf.ensure_shape(x0, x_T.shape)
+        else:
+            x = c_x[k] * x + c_eps[k] * eps
         if stochastic:
             z = tf.random.stateless_normal(tf.shape(x), seed=tf.stack([seed[0], seed[1] + k]),
                                            dtype=x.dtype)
@@ -99,12 +212,12 @@ def ddim_sample(eps_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], x_T: tf.Ten
     return x
 
 
-def ddim_fn(model: Callable, cfg: SamplerConfig, xla: bool = False
-            ) -> Callable[[tf.Tensor], tf.Tensor]:
-    """z -> x0 by the DDIM loop over the network `model` (it predicts eps), compiled: one
+def teacher_fn(model: Callable, cfg: SamplerConfig, xla: bool = False
+               ) -> Callable[[tf.Tensor], tf.Tensor]:
+    """z -> x0 by the teacher's solver over the network `model` (it predicts eps), compiled: one
     while-loop with one network call per step. Also runs inside strategy.run."""
-    plan = ddim_plan(cfg)
-    return tf.function(lambda z: ddim_sample(lambda x, t: model(x, t, training=False), z, plan),
+    plan = solver_plan(cfg)
+    return tf.function(lambda z: run_solver(lambda x, t: model(x, t, training=False), z, plan),
                        jit_compile=xla, reduce_retracing=True)
 
 
@@ -118,12 +231,53 @@ def student_sample(model: Callable, z: tf.Tensor, t: int = STUDENT_T) -> tf.Tens
     return z - tf.cast(model(z, tf.fill([tf.shape(z)[0]], t), training=False), z.dtype)
 
 
+# -- noise -----------------------------------------------------------------------------------------
+_STREAM_STRIDE = 1 << 40  # keeps (stream, index) keys apart for any realistic set size
+
+
+def example_noise(indices: tf.Tensor, seed: int | tf.Tensor, stream: int,
+                  shape: tuple[int, int, int]) -> tf.Tensor:
+    """X_T for the given example indices: N(0, I) from a stateless generator keyed by
+    (seed, stream, index), rounded to float16 (the pair sets' stored precision) and returned as
+    float32, so the teacher sees exactly the X that is stored. Independent of batching and of the
+    replica count. Graph-compatible (seed and indices may be symbolic): the exported `sample`
+    signature calls it. Streams: 0 training pairs, 1 held-out pairs, 2 evaluation samples."""
+    keys = tf.cast(indices, tf.int64) + stream * _STREAM_STRIDE
+    seed = tf.convert_to_tensor(seed, tf.int64)
+
+    def one(key):
+        return tf.random.stateless_normal(shape, seed=tf.stack([seed, key]))
+    x = tf.map_fn(one, keys, fn_output_signature=tf.float32)
+    return tf.cast(tf.cast(x, tf.float16), tf.float32)
+
+
+# -- losses ----------------------------------------------------------------------------------------
+
+def _pseudo_huber(diff: tf.Tensor) -> tf.Tensor:
+    """sqrt(||d||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, arXiv:2310.14189)."""
+    dim = int(np.prod(diff.shape[1:]))
+    c = 0.00054 * np.sqrt(dim)
+    return tf.sqrt(tf.reduce_sum(tf.square(diff), axis=[1, 2, 3]) + c * c) - c
+
+
+# Per-example distillation losses of the difference y - x0 (the original's: sums over pixels and
+# channels). The trainer divides their sum by the global batch.
+LOSSES: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
+    "l1": lambda d: tf.reduce_sum(tf.abs(d), axis=[1, 2, 3]),  # the paper's cifar10
+    "l2": lambda d: tf.reduce_sum(tf.square(d), axis=[1, 2, 3]),  # the paper's celeba, LSUN
+    "pseudo_huber": _pseudo_huber,  # improved consistency training's
+}
+
+
+def loss_fn(kind: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    if kind not in LOSSES:
+        raise UserError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[kind]
+
+
 def student_loss(model: Callable, z: tf.Tensor, y: tf.Tensor, kind: str) -> tf.Tensor:
-    """Per-example distillation loss: the sum over pixels and channels of |y - x0| ("l1") or
-    (y - x0)^2 ("l2"), x0 the student's one-step output. The trainer divides by the global batch."""
-    diff = y - student_sample(model, z)
-    per_pixel = tf.abs(diff) if kind == "l1" else tf.square(diff)
-    return tf.reduce_sum(per_pixel, axis=[1, 2, 3])
+    """Per-example distillation loss LOSSES[kind] of y - x0, x0 the student's one-step output."""
+    return loss_fn(kind)(y - student_sample(model, z))
 
 
 def ddpm_loss(model: Callable, x0: tf.Tensor, eps: tf.Tensor, t: tf.Tensor, abar: tf.Tensor,

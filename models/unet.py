@@ -289,3 +289,13 @@ def official_variables(model: UNet) -> dict[str, keras.Variable]:
 
 def count_parameters(model: UNet) -> int:
     return sum(int(v.numpy().size) for v in official_variables(model).values())
+
+
+def in_compute_dtype(model: UNet, dtype: str) -> UNet:
+    """The model, or a copy of it (same weights) that computes in `dtype`."""
+    if tf.as_dtype(dtype) == model.run_dtype:
+        return model
+    copy = UNet(model.cfg, compute_dtype=dtype)
+    for a, b in zip(copy.weights, model.weights):
+        a.assign(b)
+    return copy

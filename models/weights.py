@@ -1,5 +1,5 @@
-"""The one door for weights: detect a file's format, read it into official DDPM names, and put
-it into a network. One module per format in models/formats/:
+"""The one door for weights: find them, recognise a file's format, read it into official DDPM names,
+put it into a network, and write it out. One module per format in models/formats/ (its registry):
 
     ddpm_tf1      official DDPM TF1 checkpoints (hojonathanho/diffusion)
     ddim_pth      the DDIM CelebA ckpt.pth (ermongroup/ddim)
@@ -21,53 +21,95 @@ import dataclasses
 import os
 
 from models.configs import DatasetConfig, NetworkConfig
-from models.formats.base import (META_FILE, OFFICIAL_GN_EPS, ORIGINAL_GN_EPS, Weights,  # noqa: F401
-                                 WeightsError)
-from models.formats.converted import (CKPT_PREFIX, read_converted, save_converted,  # noqa: F401
-                                      variables_checkpoint)
-from models.formats.ddim_pth import read_ddim_pth
-from models.formats.ddpm_tf1 import read_ddpm_tf1, tf1_prefix_in
-from models.formats.diffusers import is_diffusers_folder, read_diffusers
-from models.formats.original_h5 import read_original_h5
+from models.formats import FORMATS
+from models.formats.base import (OFFICIAL_GN_EPS, ORIGINAL_GN_EPS, Weights,  # noqa: F401
+                                 WeightsError, fit_report)
+from models.formats.converted import read_converted, save_converted, variables_checkpoint  # noqa: F401
 from models.unet import UNet, official_variables
 from utils import fileio
 
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")  # shipped weights
+DEFAULT_TEACHER_DIRS = ("./teachers", "./official_models", "./Original_Models")
+DEFAULT_STUDENT_DIR = "./denoising_student_models"  # where the original release unzips
+RELEASE = ("denoising_student_models.zip from the original release "
+           "(https://drive.google.com/file/d/1tW5t3W4wqE5f0NXaaiYuFK_2JOBrf9cY)")
+TEACHER_SOURCES = ("official DDPM checkpoints: https://github.com/hojonathanho/diffusion; "
+                   "DDIM CelebA: https://github.com/ermongroup/ddim")
+
+
+def recognise(path: str) -> str | None:
+    """The name of the format of the file or folder at `path`; None if it is none of ours."""
+    for name, fmt in FORMATS.items():
+        if fmt.recognise(path):
+            return name
+    return None
 
 
 def detect_format(path: str) -> str:
-    if fileio.isdir(path):
-        if fileio.exists(os.path.join(path, META_FILE)):
-            return "converted"
-        if is_diffusers_folder(path):
-            return "diffusers"
-        if tf1_prefix_in(path):
-            return "ddpm_tf1"
-        raise WeightsError(f"{path}: no weights here (expected {META_FILE}, a diffusers "
-                           f"config.json, a TF checkpoint, a .h5 or a .pth file)")
-    if path.endswith(".h5"):
-        return "original_h5"
-    if path.endswith((".pth", ".pt")):
-        return "ddim_pth"
-    if fileio.exists(path + ".index"):
-        return "ddpm_tf1"
-    raise WeightsError(f"{path}: not found (or not a known weight format)")
+    name = recognise(path)
+    if name is None:
+        what = "no weights here" if fileio.isdir(path) else "not found (or not a known weight format)"
+        raise WeightsError(f"{path}: {what} (expected one of: {', '.join(FORMATS)})")
+    return name
 
 
 def read_weights(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
     """Read any supported file into official names. `ema` picks EMA vs raw weights where a file
     has both; `cfg` gives the network of files that do not record one, and the sampler a
     diffusers scheduler config must agree with."""
-    fmt = detect_format(path)
-    if fmt == "converted":
-        return read_converted(path)
-    if fmt == "diffusers":
-        return read_diffusers(path, cfg.sampler)
-    if fmt == "original_h5":
-        return read_original_h5(path, cfg)
-    if fmt == "ddim_pth":
-        return read_ddim_pth(path, ema=ema)
-    return read_ddpm_tf1(path, ema=ema)
+    return FORMATS[detect_format(path)].read(path, cfg, ema)
+
+
+def write_weights(fmt: str, folder: str, model: UNet, meta: dict) -> list[str]:
+    """The model's weights in format `fmt` into `folder`; returns the file names written."""
+    if not hasattr(FORMATS.get(fmt), "write"):
+        raise WeightsError(f"no writer for the {fmt} format")
+    return FORMATS[fmt].write(folder, model, meta)
+
+
+def candidates(folders: list[str], cfg: DatasetConfig, role: str) -> list[str]:
+    """Where any format's weights for `role` would be inside `folders`, in search order."""
+    out = []
+    for folder in folders:
+        for fmt in FORMATS.values():
+            out += [p for p in fmt.locate(folder, cfg, role) if p not in out]
+    return out
+
+
+def find_weights(folders: list[str], cfg: DatasetConfig, role: str) -> str | None:
+    """The first weights found for `role` ("student" or "teacher") inside `folders`."""
+    return next((p for p in candidates(folders, cfg, role)
+                 if fileio.exists_or_prefix(p) and recognise(p)), None)
+
+
+def shipped(cfg: DatasetConfig, role: str) -> str | None:
+    """models/pretrained/{dataset}/{role} ("student", "teacher") if the repository ships it."""
+    folder = os.path.join(PRETRAINED, cfg.name, role)
+    return folder if os.path.isdir(folder) else None
+
+
+def find_student(model_dir: str | None, cfg: DatasetConfig) -> str:
+    """The student's weights inside `model_dir` (default: the shipped student, else the original
+    release's folder): a training run (its best/, else last/), any format's file or folder."""
+    model_dir = model_dir or shipped(cfg, "student") or DEFAULT_STUDENT_DIR
+    found = find_weights([model_dir], cfg, "student")
+    if found is None:
+        raise WeightsError(f"no {cfg.name} student in {model_dir}: expected a training run (SAVEDIR "
+                           f"with best/), a converted checkpoint (weights.json), a diffusers folder, or "
+                           f"{cfg.name}_ema_model.h5 from {RELEASE} unzipped into {DEFAULT_STUDENT_DIR}/")
+    return found
+
+
+def find_teacher(cfg: DatasetConfig) -> str:
+    """The dataset's teacher: shipped in models/pretrained, else in the default folders."""
+    found = shipped(cfg, "teacher") or find_weights(list(DEFAULT_TEACHER_DIRS), cfg, "teacher")
+    if found is None:
+        where = [p for p in candidates(list(DEFAULT_TEACHER_DIRS), cfg, "teacher")
+                 if os.path.basename(p) not in ("", ".") and p.rstrip("/") not in DEFAULT_TEACHER_DIRS]
+        raise WeightsError(f"no teacher weights for {cfg.name}: pass --teacher, or put them at one "
+                           f"of {', '.join(where)} ({TEACHER_SOURCES}), or train one with "
+                           f"--teacher_dataset")
+    return found
 
 
 # -- putting weights into a network ----------------------------------------------------------------
@@ -79,12 +121,9 @@ def assign(model: UNet, weights: Weights) -> None:
     unused = [n for n in weights.params if n not in ours]
     wrong = [f"{n} {tuple(weights.params[n].shape)} vs {tuple(v.shape)}" for n, v in ours.items()
              if n in weights.params and tuple(weights.params[n].shape) != tuple(v.shape)]
-    problems = [(missing, "missing"), (unused, "not in the network"), (wrong, "wrong shape")]
-    if any(p for p, _ in problems):
-        detail = "; ".join(f"{len(p)} {what}: {', '.join(p[:4])}{' ...' if len(p) > 4 else ''}"
-                           for p, what in problems if p)
+    if missing or unused or wrong:
         raise WeightsError(f"{weights.source} does not fit the {model.cfg.resolution}px network "
-                           f"(ch_mult {model.cfg.ch_mult}): {detail}")
+                           f"(ch_mult {model.cfg.ch_mult}): {fit_report(missing, unused, wrong)}")
     for n, v in ours.items():
         v.assign(weights.params[n])
 

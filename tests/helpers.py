@@ -49,7 +49,7 @@ def reader_batches(pairs, global_batch: int, seed: int, epoch: int = 0, part=(0,
                    per_replica: int | None = None, start: int = 0, n: int | None = None):
     """The training reader's per-replica (x, y) batches as NumPy: `n` of them (default: the rest
     of the epoch) from step `start` of `epoch` on, for host part = (host, n_hosts)."""
-    from data.shards import PairReader, steps_per_epoch
+    from data.reader import PairReader, steps_per_epoch
     per_host = global_batch // part[1]
     per_replica = per_replica or per_host
     if n is None:

@@ -21,15 +21,18 @@ TRAINING_NUMBERS = {
     **{f: POSITIVE_FLOAT for f in ("--epochs", "--lr", "--adam_epsilon")},
     **{f: UNIT_INTERVAL for f in ("--beta_1", "--beta_2", "--ema_decay")},
     "--warmup_steps": ["-1", "1.5", "x"], "--seed": SEED, "--steps_per_call": POSITIVE_INT,
+    "--solver_steps": POSITIVE_INT,
 }
-SAMPLING_NUMBERS = {"--n_images": POSITIVE_INT, "--batch_size": POSITIVE_INT, "--seed": SEED}
+SAMPLING_NUMBERS = {"--n_images": POSITIVE_INT, "--batch_size": POSITIVE_INT, "--seed": SEED,
+                    "--solver_steps": POSITIVE_INT}
 EVAL_NUMBERS = {
     "figures": {**SAMPLING_NUMBERS, "--zoom": POSITIVE_INT},
     "tofolder": {**SAMPLING_NUMBERS, "--zoom": POSITIVE_INT},
     "interpolate": {**SAMPLING_NUMBERS, "--zoom": POSITIVE_INT, "--n_rows": POSITIVE_INT,
                     "--n_steps": POSITIVE_INT},
     "fid": {**SAMPLING_NUMBERS, "--fid_batch": POSITIVE_INT},
-    "speed": {"--batch_size": POSITIVE_INT, "--repeats": POSITIVE_INT},
+    "speed": {"--batch_size": POSITIVE_INT, "--repeats": POSITIVE_INT,
+              "--solver_steps": POSITIVE_INT},
 }
 
 
@@ -55,6 +58,8 @@ TRAINING_CASES = [
     (["tiny", "RUN", "--tpu", ""], "argument --tpu: must not be empty"),
     (["tiny", "RUN", "--devices", ""], "argument --devices: must not be empty"),
     (["tiny", "RUN", "--loss", "l3"], "argument --loss: invalid choice: 'l3'"),
+    (["tiny", "RUN", "--solver", "heun"], "argument --solver: invalid choice: 'heun'"),
+    (["tiny", "RUN", "--solver_spacing", "karras"], "argument --solver_spacing: invalid choice"),
     (["tiny", "RUN", "--lr", "0"], "argument --lr: must be a positive number, got 0"),
     (["tiny", "RUN", "--grad_accum", "x"], "argument --grad_accum: expected an integer, got 'x'"),
     (["tiny", "RUN", "--beta_2", "1"], "argument --beta_2: must be a number in [0, 1), got 1"),
@@ -88,13 +93,15 @@ EVAL_CASES = [
     # after parsing: the weights and images are looked at before the output folder is made
     (["fid", "tiny", "--images", "EMPTY"], "EMPTY holds no images (.png, .jpg)"),
     (["fid", "tiny", "--images", "BADPNG"], "BADPNG/00000.png: not a readable image"),
-    (["fid", "digits", "--images", "EMPTY"], "no PNG images in EMPTY"),
+    (["fid", "digits", "--images", "EMPTY"], "EMPTY holds no images"),
     (["fid", "digits", "--images", "BADPNG"], "BADPNG/00000.png: not a readable image"),
     (["figures", "RUN", "digits", "--model_dir", "STUDENT"], "holds tiny weights, not digits"),
     (["tofolder", "RUN", "digits", "--model_dir", "STUDENT"], "holds tiny weights, not digits"),
     (["interpolate", "RUN", "digits", "--model_dir", "STUDENT"], "holds tiny weights, not digits"),
     (["figures", "RUN", "cifar10", "--model_dir", "EMPTY"], "no cifar10 student in EMPTY"),
     (["figures", "RUN", "tiny", "--sampler", "teacher"], "no shipped tiny teacher"),
+    (["figures", "RUN", "digits", "--solver", "dpmpp_2m"], "add --sampler teacher"),
+    (["speed", "tiny", "--solver", "euler"], "argument --solver: invalid choice: 'euler'"),
     *[case for cmd, table in EVAL_NUMBERS.items()
       for case in numeric_cases([cmd, *(["RUN"] if cmd in ("figures", "tofolder", "interpolate")
                                         else []), "tiny"], table)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -16,8 +17,6 @@ from models.unet import count_parameters
 from models.weights import WeightsError, load_unet, read_weights
 from tests.helpers import run_main
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.xdist_group("diffusers")
 
 TINY = CONFIGS["tiny"]
@@ -43,8 +42,27 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_
                  variance_type="fixed_large", clip_sample=True)
 
 
+# PyTorch and diffusers are imported by the tests, not when pytest collects this module (seconds
+# and hundreds of MB in every process that collects it); without them every test here is skipped.
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+@pytest.fixture(autouse=True)
+def _needs_torch_and_diffusers(torch, diffusers):
+    pass
+
+
 def make_unet(config: dict, seed: int = 0):
     """A diffusers UNet2DModel with random weights everywhere (no zero-initialised layers)."""
+    import diffusers
+    import torch
     torch.manual_seed(seed)
     unet = diffusers.UNet2DModel(**config).eval()
     with torch.no_grad():
@@ -58,6 +76,7 @@ def make_unet(config: dict, seed: int = 0):
 
 
 def theirs(unet, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    import torch
     with torch.no_grad():
         out = unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t)).sample
     return out.permute(0, 2, 3, 1).numpy()
@@ -86,7 +105,7 @@ def rename_to_pre_2023(folder) -> None:
 
 @pytest.mark.parametrize("config,layout", [(SMALL, "safetensors"), (GREY, "pre-2023 names"),
                                            (SMALL, "bin"), (GREY, "pipeline")])
-def test_our_forward_matches_diffusers_forward(tmp_path, config, layout):
+def test_our_forward_matches_diffusers_forward(tmp_path, config, layout, diffusers):
     unet = make_unet(config)
     folder = tmp_path / "unet"
     if layout == "pipeline":
@@ -125,7 +144,8 @@ def test_the_hubs_cifar10_config_is_the_cifar10_network(tmp_path):
         assert_close(ours(model, x, t), theirs(unet, x, t))
 
 
-def test_export_loads_in_diffusers_and_round_trips_bit_for_bit(tiny_teacher, tmp_path, capsys):
+def test_export_loads_in_diffusers_and_round_trips_bit_for_bit(tiny_teacher, tmp_path, capsys,
+                                                               torch, diffusers):
     out = tmp_path / "hf"
     code, stdout, err = run_main("eval", ["export", out, "tiny", "--model_dir", tiny_teacher,
                                           "--format", "diffusers"], capsys)
@@ -232,7 +252,7 @@ def test_what_we_cannot_honour_is_refused_in_one_line_and_nothing_is_written(tmp
     cases.append((truncate, "unreadable safetensors file (incomplete or corrupt)"))
     for i, (spoil, message) in enumerate(cases):
         folder = tmp_path / f"case{i}"
-        os.system(f"cp -r {good} {folder}")
+        shutil.copytree(good, folder)
         spoil(folder)
         out = tmp_path / f"out{i}"
         code, _, err = run_main("models.convert", ["--dataset", "tiny", folder, out], capsys)
@@ -240,7 +260,7 @@ def test_what_we_cannot_honour_is_refused_in_one_line_and_nothing_is_written(tmp
         assert not out.exists()
 
 
-def test_a_bfloat16_folder_is_read_as_float32(tmp_path):
+def test_a_bfloat16_folder_is_read_as_float32(tmp_path, torch):
     """diffusers saves torch_dtype=torch.bfloat16 models with BF16 tensors, which safetensors'
     NumPy API cannot hold: they are widened to float32 (a bfloat16 is a float32's top half)."""
     unet = make_unet(SMALL)

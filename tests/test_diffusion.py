@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from models.configs import CONFIGS, SamplerConfig
-from models.diffusion import (alpha_bars, ddim_plan, ddim_sample, student_sample,
+from models.diffusion import (alpha_bars, ddim_plan, run_solver, student_sample,
                               timestep_sequence)
 
 MU, S = 0.3, 0.5  # data ~ N(MU, S^2 I)
@@ -68,7 +68,7 @@ def test_ddim_matches_numpy_loop(dataset):
     abar = reference_abar()
     x_T = np.random.default_rng(0).standard_normal((64, 5))
     ref = reference_ddim_np(x_T.copy(), timestep_sequence(cfg), abar)
-    ours = tf.function(lambda x: ddim_sample(tf_optimal_eps(abar), x, ddim_plan(cfg)))(
+    ours = tf.function(lambda x: run_solver(tf_optimal_eps(abar), x, ddim_plan(cfg)))(
         tf.constant(x_T, tf.float32)).numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
@@ -77,7 +77,7 @@ def test_skipping_identity_steps_is_bit_identical():
     cfg = CONFIGS["cifar10"].sampler
     eps_fn = tf_optimal_eps(reference_abar())
     x = tf.random.stateless_normal([256, 16], seed=[3, 4])
-    run = lambda plan: tf.function(lambda v: ddim_sample(eps_fn, v, plan))(x).numpy()  # noqa: E731
+    run = lambda plan: tf.function(lambda v: run_solver(eps_fn, v, plan))(x).numpy()  # noqa: E731
     full, skipped = run(ddim_plan(cfg, skip_identity=False)), run(ddim_plan(cfg))
     assert ddim_plan(cfg, skip_identity=False).n_calls == 100
     assert np.array_equal(full, skipped)
@@ -87,7 +87,7 @@ def test_deterministic_ddim_transports_noise_to_the_data_distribution():
     cfg = SamplerConfig(steps=200, skip_type="uniform")
     eps_fn = tf_optimal_eps(reference_abar())
     x = tf.random.stateless_normal([20000, 4], seed=[5, 6])
-    y = tf.function(lambda v: ddim_sample(eps_fn, v, ddim_plan(cfg)))(x).numpy()
+    y = tf.function(lambda v: run_solver(eps_fn, v, ddim_plan(cfg)))(x).numpy()
     assert abs(y.mean() - MU) < 0.03 * MU + 0.01
     assert abs(y.std() - S) < 0.03 * S
 
@@ -99,7 +99,7 @@ def test_stochastic_ddim_is_seeded_and_still_transports():
     plan = ddim_plan(cfg, eta=1.0)
     assert plan.sigma[0] > 0 and plan.sigma[-1] == 0
     x = tf.random.stateless_normal([20000, 4], seed=[7, 8])
-    f = tf.function(lambda v, s: ddim_sample(eps_fn, v, plan, seed=s))
+    f = tf.function(lambda v, s: run_solver(eps_fn, v, plan, seed=s))
     a, b = f(x, tf.constant([1, 2])).numpy(), f(x, tf.constant([1, 2])).numpy()
     assert np.array_equal(a, b)
     assert abs(a.mean() - MU) < 0.03 * MU + 0.01 and abs(a.std() - S) < 0.03 * S
@@ -124,7 +124,7 @@ def test_ddim_runs_a_batch_of_one(xla):
     abar = reference_abar()
     x_T = np.random.default_rng(1).standard_normal((1, 5))
     ref = reference_ddim_np(x_T.copy(), timestep_sequence(cfg), abar)
-    ours = tf.function(lambda x: ddim_sample(tf_optimal_eps(abar), x, ddim_plan(cfg)),
+    ours = tf.function(lambda x: run_solver(tf_optimal_eps(abar), x, ddim_plan(cfg)),
                        jit_compile=xla)(tf.constant(x_T, tf.float32)).numpy()
     assert ours.shape == (1, 5)
     np.testing.assert_allclose(ours, ref, atol=1e-5)

@@ -15,7 +15,7 @@ from data import shards
 from data.pairs import generate_pairs, make_teacher_fn, settings_for
 from data.shards import PairSetError, open_pair_set, read_manifest, heldout_batches
 from models.configs import CONFIGS
-from models.diffusion import ddim_plan, ddim_sample
+from models.diffusion import ddim_plan, run_solver
 from models.weights import load_unet
 from tests.conftest import PAIR_SEED, PAIRS
 from tests.helpers import ROOT, reader_batches, run_main
@@ -79,7 +79,7 @@ def test_layout_manifest_and_definition_of_x(reference_set):
 def test_targets_are_the_teacher_ddim_output_rounded(reference_set, teacher):
     model, _ = load_unet(teacher, TINY)
     x = np.load(os.path.join(reference_set, "x_train_2.npy")).astype(np.float32)
-    out = tf.function(lambda v: ddim_sample(model, v, ddim_plan(TINY.sampler)))(x).numpy()
+    out = tf.function(lambda v: run_solver(model, v, ddim_plan(TINY.sampler)))(x).numpy()
     expected = np.floor((np.clip(out, -1, 1) + 1) * 127.5 + 0.5).astype(np.uint8)  # round half up
     stored = np.load(os.path.join(reference_set, "y_train_2.npy"))
     diff = np.abs(stored.astype(int) - expected)
@@ -93,7 +93,7 @@ def test_xla_and_plain_graph_give_the_same_targets(reference_set, teacher):
     model, _ = load_unet(teacher, TINY)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     x = np.load(os.path.join(reference_set, "x_train_0.npy"))[:32].astype(np.float32)
-    xla, plain = (make_teacher_fn(model, TINY, strategy, xla=flag)(x) for flag in (True, False))
+    xla, plain = (make_teacher_fn(model, TINY.sampler, strategy, xla=flag)(x) for flag in (True, False))
     assert xla.shape == plain.shape == (32, *SHAPE) and np.std(plain) > 0.05
     np.testing.assert_allclose(xla, plain, rtol=1e-4, atol=1e-4)
     to_uint8 = lambda v: np.floor((np.clip(v, -1, 1) + 1) * 127.5 + 0.5).astype(int)  # noqa: E731
@@ -149,7 +149,7 @@ def test_other_settings_are_refused_without_touching_files(reference_set, teache
 
 def _tiny_teacher_fn(teacher):
     model, _ = load_unet(teacher, TINY)
-    return make_teacher_fn(model, TINY, tf.distribute.OneDeviceStrategy("/cpu:0"), xla=False)
+    return make_teacher_fn(model, TINY.sampler, tf.distribute.OneDeviceStrategy("/cpu:0"), xla=False)
 
 
 def test_short_disk_is_a_clear_error(teacher, tmp_path, monkeypatch):

@@ -81,7 +81,8 @@ def one_update(batch, accum, tmp):
 
 def test_several_steps_per_call_give_bit_identical_weights_and_losses(tmp_path):
     """train_steps (n updates in one compiled call, reading the iterator in the graph) against n
-    calls of train_step on the same batches: the same weights, EMA and losses, bit for bit."""
+    calls of one update each on the same batches (as --steps_per_call 1 runs): the same weights,
+    EMA and losses, bit for bit."""
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     opt = OptimConfig(lr=1e-2, warmup_steps=2, beta_1=0.9, beta_2=0.98, ema_decay=0.5)
     rng = np.random.default_rng(4)
@@ -94,8 +95,7 @@ def test_several_steps_per_call_give_bit_identical_weights_and_losses(tmp_path):
                           str(tmp_path / str(per_call)), global_batch=4)
         trainer.init_from(model_with(MICRO, MICRO_PARAMS))
         it = iter(tf.data.Dataset.from_tensor_slices((x, y)))
-        losses = ([float(trainer.train_step(next(it))) for _ in range(5)] if per_call == 1
-                  else [float(trainer.train_steps(it, 5))])
+        losses = [float(trainer.train_steps(it, per_call)) for _ in range(5 // per_call)]
         results.append((sum(losses), {k: v.numpy() for k, v in official_variables(trainer.model).items()},
                         {k: v.numpy() for k, v in official_variables(trainer.ema).items()},
                         trainer.step))
@@ -110,7 +110,7 @@ def test_adam_follows_the_closed_form_in_and_out_of_a_graph():
     """FusedAdam (Keras Adam's variables, TensorFlow's fused kernel) against Adam written out in
     NumPy (Kingma & Ba, Algorithm 1 with the bias corrections folded into the step size) over four
     steps of changing gradients, eagerly and in a compiled function."""
-    from utils.train.loop import FusedAdam
+    from utils.train.optim import FusedAdam
     lr, b1, b2, eps = 1e-2, 0.9, 0.99, 1e-3
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((3, 5))
@@ -137,7 +137,7 @@ def test_adam_follows_the_closed_form_in_and_out_of_a_graph():
 def test_learning_rate_schedule_is_warmup_then_constant_or_cosine(decay_steps):
     """Against the closed forms: lr (s+1)/W during the warmup, then lr, or with decay_steps D
     lr (1 + cos(pi (s+1-W)/(D-W)))/2, reaching 0 at D and staying there."""
-    from utils.train.loop import LinearWarmup
+    from utils.train.optim import LinearWarmup
     lr, warmup = 1e-3, 10
     schedule = LinearWarmup(lr, warmup, decay_steps)
     for s in [0, 4, 9, 10, 20, 30, 49, 60]:

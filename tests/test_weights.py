@@ -135,7 +135,7 @@ def test_wrong_dataset_names_the_variables(tf1_ckpt):
     assert f"{len(missing)} missing: " in str(e.value)
     assert str(e.value).split(" missing: ")[1].split(",")[0] in missing
     tiny_w, big_w = SHAPES["temb/dense0/W"], big["temb/dense0/W"]  # (ch, 4 ch) in each network
-    assert f"wrong shape: temb/dense0/W {tuple(tiny_w)} vs {tuple(big_w)}" in str(e.value)
+    assert f"misshapen: temb/dense0/W {tuple(tiny_w)} vs {tuple(big_w)}" in str(e.value)
 
 
 def test_h5_of_another_dataset_reports_counts(tmp_path):

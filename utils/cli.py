@@ -136,8 +136,8 @@ def _existing(is_kind: Callable[[str], bool], kind: str) -> Callable[[str], None
 
 
 def _weights_path(path: str) -> None:
-    try:  # a TF checkpoint prefix, or a file or folder on any tf.io.gfile filesystem
-        found = fileio.exists(path) or fileio.exists(path + ".index")
+    try:  # a file or folder on any tf.io.gfile filesystem, or the prefix of files (a checkpoint's)
+        found = fileio.exists_or_prefix(path)
     except OSError as e:
         raise UserError(f"{path}: {str(e).split(': ', 1)[-1]}") from None
     if not found:
@@ -174,11 +174,31 @@ def _flag_fields(cls) -> list[tuple[dataclasses.Field, str]]:
             if "help" in f.metadata]
 
 
-def add_flags(group, cls) -> None:
-    """Add an override flag to `group` for each flag field of the dataclass `cls`."""
+def add_flags(group, cls, choices: dict[str, tuple] | None = None) -> None:
+    """Add an override flag to `group` for each flag field of the dataclass `cls`; `choices`
+    gives the choices of fields whose values a table elsewhere lists (the losses)."""
     for f, name in _flag_fields(cls):
         group.add_argument(f"--{name}", dest=name, type=f.metadata.get("type"),
-                           choices=f.metadata.get("choices"), help=f.metadata["help"])
+                           choices=(choices or {}).get(f.name, f.metadata.get("choices")),
+                           help=f.metadata["help"])
+
+
+def add_solver_flags(group, solvers: tuple[str, ...], spacings: tuple[str, ...],
+                     default_steps: int) -> None:
+    """The teacher's sampler flags, the same on training.py and eval.py (models.diffusion
+    .choose_sampler turns them into a SamplerConfig)."""
+    group.add_argument("--solver", choices=solvers, default=None,
+                       help="the teacher's ODE solver: ddim (default: the paper's, the dataset's "
+                            "steps and spacing) or dpmpp_2m (DPM-Solver++(2M), diffusers' default "
+                            "sampler: the same images in about a third of the network calls)")
+    group.add_argument("--solver_steps", type=positive_int, default=None, metavar="N",
+                       help="the solver's timesteps = network calls (DDIM's quadratic spacing "
+                            "skips its repeats: cifar10's 100 are 96 calls) (default: the "
+                            f"dataset's for ddim, {default_steps} for dpmpp_2m)")
+    group.add_argument("--solver_spacing", choices=spacings, default=None,
+                       help="where the timesteps lie: quadratic or uniform (DDIM's code, from "
+                            "t = 800 or 999) or linspace (diffusers', from t = 999) (default: "
+                            "the dataset's for ddim, linspace for dpmpp_2m)")
 
 
 def overridden(args: argparse.Namespace, config):

@@ -53,6 +53,14 @@ def exists(path: str) -> bool:
         return _gfile().exists(path)
 
 
+def exists_or_prefix(path: str) -> bool:
+    """A file or folder at `path`, or files named `path.*` (a TF checkpoint's prefix)."""
+    if exists(path):
+        return True
+    folder, base = os.path.split(path)
+    return isdir(folder or ".") and any(f.startswith(base + ".") for f in listdir(folder or "."))
+
+
 def isdir(path: str) -> bool:
     if is_local(path):
         return os.path.isdir(path)
@@ -195,8 +203,16 @@ def atomic_dir(path: str, replace: bool = False) -> Iterator[str]:
         raise
 
 
-def read_json(path: str) -> dict:
-    return json.loads(read_bytes(path))
+def read_json(path: str, error: type[Exception] | None = None, what: str = "") -> dict:
+    """A JSON file; with `error`, an unreadable or invalid file raises error("PATH: unreadable
+    WHAT (why)") instead of the library's own exception."""
+    if error is None:
+        return json.loads(read_bytes(path))
+    try:
+        return json.loads(read_bytes(path))
+    except (OSError, ValueError) as e:
+        why = "not valid JSON" if isinstance(e, ValueError) else (e.strerror or "cannot be read")
+        raise error(f"{path}: unreadable {what + ' ' if what else ''}({why})") from None
 
 
 def write_json(path: str, obj: dict) -> None:

@@ -75,3 +75,34 @@ def disable_bf16() -> None:
     """Undo enable_bf16's graph rewrite for what is traced next (tests, benches)."""
     import tensorflow as tf
     tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": False})
+
+
+def network_precision(bf16: bool, xla: bool, rewrite: bool = True, say=print) -> tuple[str, bool]:
+    """(the network's compute dtype, whether to XLA-compile it) for --bf16 / --xla: the one
+    policy of every entry point. rewrite=False: never the CPU's process-wide graph rewrite (eval's
+    fid: it would reach the Inception network too)."""
+    if not bf16:
+        return "float32", xla
+    if rewrite and enable_bf16() == ONEDNN:
+        say("bf16: oneDNN mixed precision (a graph rewrite: the network runs without XLA)")
+        return "float32", False
+    say("bf16: the network's compute dtype")
+    return "bfloat16", xla
+
+
+def pairs_precision(bf16: bool, recorded: str | None, xla: bool, say=print
+                    ) -> tuple[str, str, bool]:
+    """What a pair set records and how its teacher runs: (the set's precision, the teacher's
+    compute dtype, XLA). A complete set (`recorded`: its precision) is kept as it was made,
+    whatever --bf16 says now; an incomplete one is made (or finished) as asked."""
+    wanted = "bfloat16" if bf16 else "float32"
+    if recorded is not None and recorded != wanted:
+        say(f"pairs: complete and kept, made in {recorded} (the student trains in {wanted})")
+        return recorded, "float32", xla
+    if recorded is not None or not bf16:
+        return wanted, "float32", xla
+    dtype, xla = network_precision(True, xla, say=lambda _: None)
+    say(f"bf16: the teacher's pairs in bfloat16 ("
+        f"{'its compute dtype' if dtype == 'bfloat16' else 'oneDNN mixed precision, no XLA'})")
+    return wanted, dtype, xla
+

@@ -45,6 +45,13 @@ class Weights:
                 f"tensors, GroupNorm eps {self.gn_eps:g}; ignored {len(self.ignored)} other entries)")
 
 
+def fit_report(missing: list[str], extra: list[str], misshapen: list[str], shown: int = 4) -> str:
+    """'2 missing: a, b; 1 not in the network: c': why a set of tensors does not fit a network."""
+    parts = [(missing, "missing"), (extra, "not in the network"), (misshapen, "misshapen")]
+    return "; ".join(f"{len(p)} {what}: {', '.join(p[:shown])}{' ...' if len(p) > shown else ''}"
+                     for p, what in parts if p)
+
+
 def cause(e: BaseException) -> str:
     """A short reason for a reader's failure, in our words: the libraries' own messages run to
     paragraphs and repeat the (possibly long) path, and cutting them leaves half a sentence."""

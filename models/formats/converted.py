@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import tensorflow as tf
 
-from models.configs import NetworkConfig
+from models.configs import DatasetConfig, NetworkConfig
 from models.formats.base import META_FILE, Weights, WeightsError, cause
 from models.unet import UNet, official_variables
 from utils import fileio
@@ -74,3 +74,26 @@ def network_of(meta: dict, out_dir: str) -> NetworkConfig | None:
         return NetworkConfig(**net)
     except (TypeError, KeyError) as e:
         raise WeightsError(f"{out_dir}: {META_FILE} records an unknown network ({e})") from None
+
+
+# -- the registry's interface (models/formats/__init__.py) ----------------------------------------
+NAME = "converted"
+
+
+def recognise(path: str) -> bool:
+    return fileio.isdir(path) and fileio.exists(os.path.join(path, META_FILE))
+
+
+def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
+    return read_converted(path)
+
+
+def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
+    """A training run's best/ (else last/), a converted folder, or one named after the dataset."""
+    inside = ["best", "last"] if role == "student" else []
+    return [folder] + [os.path.join(folder, d) for d in inside] + [os.path.join(folder, cfg.name)]
+
+
+def write(folder: str, model: UNet, meta: dict) -> list[str]:
+    save_converted(model, folder, meta)
+    return sorted(fileio.listdir(folder))

@@ -2,11 +2,13 @@
 torch.load(weights_only=True)."""
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
 import numpy as np
 
+from models.configs import DatasetConfig
 from models.formats.base import OFFICIAL_GN_EPS, Weights, WeightsError, cause, from_torch_layout
 from utils.fileio import sha256_file
 
@@ -68,3 +70,20 @@ def ddim_to_official_name(key: str) -> str | None:
     is_norm = re.search(r"(^|/)norm(1|2|_out)?$", scope) is not None
     leaf = {"weight": "gamma" if is_norm else "W", "bias": "beta" if is_norm else "b"}[parts[-1]]
     return f"{scope}/{leaf}"
+
+
+# -- the registry's interface (models/formats/__init__.py) ----------------------------------------
+NAME = "ddim_pth"
+
+
+def recognise(path: str) -> bool:
+    return path.endswith((".pth", ".pt"))  # read() says if it is missing, or needs PyTorch
+
+
+def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
+    return read_ddim_pth(path, ema=ema)
+
+
+def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
+    """DDIM's release layout: celeba/ckpt.pth."""
+    return [os.path.join(folder, cfg.teacher_file)] if role == "teacher" and cfg.teacher_file else []

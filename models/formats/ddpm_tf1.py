@@ -9,6 +9,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from models.configs import DatasetConfig
 from models.formats.base import OFFICIAL_GN_EPS, Weights, WeightsError, cause
 from utils import fileio
 from utils.fileio import sha256_file
@@ -68,3 +69,22 @@ def _checkpoint_sha256(prefix: str) -> str:
     for name in files:
         h.update(sha256_file(os.path.join(folder, name)).encode())
     return h.hexdigest()
+
+
+# -- the registry's interface (models/formats/__init__.py) ----------------------------------------
+NAME = "ddpm_tf1"
+
+
+def recognise(path: str) -> bool:
+    if fileio.isdir(path):
+        return tf1_prefix_in(path) is not None
+    return fileio.exists(path + ".index")
+
+
+def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
+    return read_ddpm_tf1(path, ema=ema)
+
+
+def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
+    """The official release's layout: diffusion_{dataset}_model/model.ckpt-{step}."""
+    return [os.path.join(folder, cfg.teacher_file)] if role == "teacher" and cfg.teacher_file else []

@@ -23,8 +23,8 @@ import re
 
 import numpy as np
 
-from models.configs import NetworkConfig, SamplerConfig
-from models.formats.base import (Weights, WeightsError, cause, from_torch_layout,
+from models.configs import DatasetConfig, NetworkConfig, SamplerConfig
+from models.formats.base import (Weights, WeightsError, cause, fit_report, from_torch_layout,
                                  to_torch_layout)
 from models.unet import UNet, official_variables
 from utils import fileio
@@ -77,10 +77,7 @@ def is_diffusers_folder(path: str) -> bool:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        return fileio.read_json(path)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{path}: unreadable ({cause(e)})") from None
+    return fileio.read_json(path, error=WeightsError)
 
 
 def unet_folder(path: str) -> tuple[str, str | None]:
@@ -180,21 +177,25 @@ def config_from_network(net: NetworkConfig) -> dict:
     }
 
 
+SCHEDULER_REQUIRED = {"beta_schedule": "linear", "prediction_type": "epsilon", "trained_betas": None,
+                      "rescale_betas_zero_snr": False}  # what our samplers assume
+# diffusers' defaults of the fields a scheduler config may leave out (they happen to be DDPM's)
+SCHEDULER_DEFAULTS = {**SCHEDULER_REQUIRED, "num_train_timesteps": 1000, "beta_start": 1e-4,
+                      "beta_end": 0.02}
+
+
 def check_scheduler(path: str, sampler: SamplerConfig) -> None:
     """The scheduler config must describe the schedule the sampler assumes: linear betas from
     beta_start to beta_end over num_timesteps steps, the network predicting epsilon."""
     c = _read_json(path)
-    want = {"num_train_timesteps": sampler.num_timesteps, "beta_schedule": "linear",
-            "prediction_type": "epsilon", "trained_betas": None, "rescale_betas_zero_snr": False}
-    defaults = {"prediction_type": "epsilon", "trained_betas": None, "rescale_betas_zero_snr": False,
-                "beta_schedule": "linear", "num_train_timesteps": 1000}
+    want = {**SCHEDULER_REQUIRED, "num_train_timesteps": sampler.num_timesteps}
     for field, value in want.items():
-        got = c.get(field, defaults[field])
+        got = c.get(field, SCHEDULER_DEFAULTS[field])
         if got != value:
             raise WeightsError(f"{path}: {field} {json.dumps(got)} cannot be honoured (the "
                                f"sampler needs {json.dumps(value)})")
     for field, value in (("beta_start", sampler.beta_start), ("beta_end", sampler.beta_end)):
-        got = c.get(field, {"beta_start": 1e-4, "beta_end": 0.02}[field])
+        got = c.get(field, SCHEDULER_DEFAULTS[field])
         if not isinstance(got, (int, float)) or abs(got - value) > 1e-12:
             raise WeightsError(f"{path}: {field} {json.dumps(got)} cannot be honoured (the "
                                f"sampler needs {value:g})")
@@ -318,11 +319,9 @@ def read_diffusers(path: str, sampler: SamplerConfig) -> Weights:
             continue
         params[official] = value
     missing = [k for k, n in by_key.items() if n not in seen]
-    problems = [(missing, "missing"), (extra, "not in the network"), (wrong, "misshapen")]
-    if any(p for p, _ in problems):
-        detail = "; ".join(f"{len(p)} {what}: {', '.join(p[:3])}{' ...' if len(p) > 3 else ''}"
-                           for p, what in problems if p)
-        raise WeightsError(f"{source} does not fit its {CONFIG}: {detail}")
+    if missing or extra or wrong:
+        raise WeightsError(f"{source} does not fit its {CONFIG}: "
+                           f"{fit_report(missing, extra, wrong)}")
     return Weights(params, net.gn_eps, path, "diffusers", sha256=sha256_file(source),
                    network=net)
 
@@ -338,3 +337,24 @@ def write_diffusers(folder: str, params: dict[str, np.ndarray], net: NetworkConf
     fileio.write_bytes(os.path.join(folder, SAFETENSORS), save(tensors, metadata=meta))
     fileio.write_json(os.path.join(folder, CONFIG), config_from_network(net))
     return [CONFIG, SAFETENSORS]
+
+
+# -- the registry's interface (models/formats/__init__.py) ----------------------------------------
+NAME = "diffusers"
+
+
+def recognise(path: str) -> bool:
+    return fileio.isdir(path) and is_diffusers_folder(path)
+
+
+def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
+    return read_diffusers(path, cfg.sampler)
+
+
+def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
+    return [folder, os.path.join(folder, cfg.name)]
+
+
+def write(folder: str, model: UNet, meta: dict) -> list[str]:
+    params = {name: v.numpy() for name, v in official_variables(model).items()}
+    return write_diffusers(folder, params, model.cfg, {k: str(v) for k, v in meta.items()})

@@ -2,6 +2,8 @@
 *_ema_model.h5), whose weights are matched by creation order."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from models.configs import DatasetConfig
@@ -92,3 +94,22 @@ def _attr_strings(attrs, key: str) -> list[str]:
         if not chunks:
             raise KeyError(f"no attribute {key!r}")
     return [s.decode("utf8") if isinstance(s, bytes) else str(s) for c in chunks for s in c]
+
+
+# -- the registry's interface (models/formats/__init__.py) ----------------------------------------
+NAME = "original_h5"
+
+
+def recognise(path: str) -> bool:
+    return path.endswith(".h5")  # read() says if it is missing, or needs h5py
+
+
+def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
+    return read_original_h5(path, cfg)
+
+
+def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
+    """The original release's names: {dataset}_ema_model.h5 (students), model_tf2_{dataset}.h5
+    (teachers)."""
+    name = f"{cfg.name}_ema_model.h5" if role == "student" else f"model_tf2_{cfg.name}.h5"
+    return [folder, os.path.join(folder, name)]

@@ -30,9 +30,8 @@ import tensorflow as tf
 
 from models.configs import DatasetConfig
 from models.diffusion import STUDENT_T, student_fn
-from models.formats.diffusers import write_diffusers
-from models.unet import UNet, official_variables
-from models.weights import Weights
+from models.unet import UNet, in_compute_dtype, official_variables
+from models.weights import Weights, write_weights
 from utils.errors import UserError
 from utils.evaluate.sampling import SAMPLE_STREAM, noise_for
 from utils.fileio import atomic_dir, atomic_write
@@ -124,7 +123,7 @@ def export(out_dir: str, model: UNet, weights: Weights, cfg: DatasetConfig,
     try:
         with atomic_dir(out_dir) as tmp:
             saved = os.path.join(tmp, SAVED_MODEL)
-            save_saved_model(StudentExport(_in_dtype(model, bf16), cfg, xla), saved)
+            save_saved_model(StudentExport(in_compute_dtype(model, 'bfloat16' if bf16 else 'float32'), cfg, xla), saved)
             with tempfile.TemporaryDirectory() as float32_dir:
                 source = saved
                 if bf16:
@@ -137,16 +136,6 @@ def export(out_dir: str, model: UNet, weights: Weights, cfg: DatasetConfig,
     except OSError as e:
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
     return sorted(os.listdir(out_dir))
-
-
-def _in_dtype(model: UNet, bf16: bool) -> UNet:
-    """The model, or a copy of it that computes in bfloat16."""
-    if not bf16:
-        return model
-    copy = UNet(model.cfg, compute_dtype="bfloat16")
-    for a, b in zip(copy.weights, model.weights):
-        a.assign(b)
-    return copy
 
 
 def readme(cfg: DatasetConfig, weights: Weights, tflite: str, xla: bool, bf16: bool = False) -> str:
@@ -186,10 +175,9 @@ def export_diffusers(out_dir: str, model: UNet, weights: Weights, cfg: DatasetCo
     """The student as a diffusers UNet2DModel folder (config.json, safetensors, README.txt) in
     `out_dir`, which must be new or empty; complete or absent, as export()."""
     require_new_dir(out_dir)
-    params = {name: v.numpy() for name, v in official_variables(model).items()}
     try:
         with atomic_dir(out_dir) as tmp:
-            write_diffusers(tmp, params, model.cfg, {"source": weights.describe()})
+            write_weights("diffusers", tmp, model, {"source": weights.describe()})
             with atomic_write(os.path.join(tmp, README), "w") as f:
                 f.write(readme_diffusers(cfg, model, weights))
     except OSError as e:

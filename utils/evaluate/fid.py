@@ -8,8 +8,11 @@ the Frechet distance between the two Gaussians. Nothing here downloads anything.
 
     net = load_inception()                                         # utils.evaluate.inception
     ref = load_statistics("cifar10_train.npz")                     # or compute_statistics(...)
-    mu_g, s_g = compute_statistics(generated_uint8_batches, net, 100, total=50_000)
-    fid = frechet_distance(mu_g, s_g, ref.mu, ref.sigma)
+    gen = compute_statistics(generated_uint8_batches, net, 100, total=50_000)
+    fid = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+
+`measure(FIDRequest(...))` is `eval.py fid`: what is measured (samples, a folder, the real images)
+against which reference (statistics, a folder, the dataset's real images cached in fid_stats/).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import tensorflow as tf
 from PIL import Image
 from tqdm import tqdm
 
-from models.configs import CONFIGS, SKLEARN_DIGITS, get_config
+from models.configs import CONFIGS, SKLEARN_DIGITS, DatasetConfig, get_config
 from utils import fileio
 from utils.errors import UserError, first_line
 
@@ -233,10 +236,11 @@ def require_dim(stats: Statistics, dim: int, path: str) -> None:
 
 class ImageFolder:
     """The images of a folder (PNG or JPEG, sorted by name, the first `limit`) as re-iterable
-    uint8 [N, H, W, 3] batches; grey images are made RGB. Every file is checked on creation
+    uint8 [N, H, W, C] batches in PIL `mode` ("RGB": grey images made RGB; "L": one channel). Every file is checked on creation
     (headers and checksums, not decoded), so a broken one stops the run before hours of work."""
 
-    def __init__(self, folder: str, batch_size: int = 50, limit: int | None = None):
+    def __init__(self, folder: str, batch_size: int = 50, limit: int | None = None,
+                 mode: str = "RGB"):
         if not os.path.isdir(folder):
             raise FIDError(f"{folder} is not a folder of images")
         try:
@@ -245,7 +249,7 @@ class ImageFolder:
             raise FIDError(f"{folder}: unreadable folder ({e.strerror or e})") from None
         if not names:
             raise FIDError(f"{folder} holds no images (.png, .jpg)")
-        self.folder, self.batch_size = folder, batch_size
+        self.folder, self.batch_size, self.mode = folder, batch_size, mode
         self.files = names[:limit] if limit else names
         self.num_examples = len(self.files)
         for name in tqdm(self.files, desc=f"checking {folder}", unit="img", leave=False,
@@ -259,7 +263,8 @@ class ImageFolder:
                 if verify:
                     im.verify()
                     return None
-                return np.asarray(im.convert("RGB"), np.uint8)
+                img = np.asarray(im.convert(self.mode), np.uint8)
+                return img[..., None] if img.ndim == 2 else img
         except (OSError, SyntaxError, ValueError):  # PIL's errors for broken files
             raise FIDError(f"{path}: not a readable image (truncated or corrupt)") from None
 
@@ -349,3 +354,151 @@ def reference_images(dataset: str, split: str = "train", data_dir: str | None = 
         num_examples = None
     ds = ds.map(lambda ex: ex["image"], num_parallel_calls=tf.data.AUTOTUNE)
     return ReferenceImages(cfg.fid_crop, ds.batch(batch_size).prefetch(2), num_examples)
+
+
+# -- eval.py fid: what is measured against which reference ---------------------------------------
+
+@dataclass
+class FIDRequest:
+    """One `eval.py fid`: the measured images (a folder, the dataset's real images, or else
+    `n_images` fresh samples of make_sampler()) against a reference (statistics or a folder; by
+    default the dataset's real images, their statistics cached in fid_stats/)."""
+    cfg: DatasetConfig
+    make_sampler: Callable[[], Callable] | None = None
+    images: str | None = None
+    real: bool = False
+    reference: str | None = None
+    data_dir: str | None = None
+    split: str = "train"
+    inception: str | None = None
+    save_stats: str | None = None
+    fid_batch: int = 50
+    n_images: int | None = None
+    batch_size: int = 20
+    seed: int = 0
+
+
+DEFAULT_SAMPLES = 50_000  # the paper's FIDs are over 50,000 samples
+STATS_CACHE = "fid_stats"
+
+
+def measure(req: FIDRequest, say=print) -> float | None:
+    """Run the request; returns the FID (None when only statistics were saved)."""
+    if req.cfg.fid_features == "digit_classifier":
+        return measure_digits(req, say)
+    from utils.evaluate.inception import load_inception
+    if req.real and not (req.reference or req.save_stats):
+        raise FIDError("--real with neither --reference nor --save_stats measures nothing")
+    if req.n_images == 1:
+        raise FIDError("--n_images 1: statistics need at least 2 images")
+    if req.save_stats and not req.save_stats.endswith(".npz"):
+        raise FIDError(f"--save_stats {req.save_stats}: the name must end in .npz (what "
+                       f"--reference reads as statistics)")
+    # Everything that can fail is checked before the hours of feature extraction: folders and
+    # files first (instant), then the network, the weights and the dataset.
+    folder = ImageFolder(req.images, req.fid_batch, limit=req.n_images) if req.images else None
+    reference, ref_name = _given_reference(req)
+    for images, what in ((folder, req.images), (reference, req.reference)):
+        if isinstance(images, ImageFolder) and images.num_examples < 2:
+            raise FIDError(f"{what} holds one image; statistics need at least 2")
+    net = load_inception(req.inception)
+    tag = net.provenance.describe()
+    say(f"network: {tag}")
+    if isinstance(reference, Statistics):
+        require_dim(reference, net.dim, req.reference)
+    if reference is None and not req.real:
+        reference, ref_name = _default_reference(req, net)
+    images, total, name = _measured(req, folder)
+    stats = compute_statistics(images, net, req.fid_batch, total=total, network=tag,
+                               limit=None if folder else total)
+    if req.save_stats:
+        save_statistics(req.save_stats, stats)
+        say(f"wrote {req.save_stats} ({stats.count:,} images)")
+    if reference is None:
+        return None
+    if not isinstance(reference, Statistics):  # images: their statistics now
+        reference = _reference_statistics(req, net, reference, say)
+    for what, n in ((name, stats.count), (ref_name, reference.count)):
+        if n is not None and n < STABLE_COUNT:
+            say(f"warning: {n:,} {what}: with fewer than {STABLE_COUNT:,} images the FID is "
+                f"biased and unstable (the paper's is over 50,000)")
+    value = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
+    ref_count = f"{reference.count:,}" if reference.count is not None else "an unrecorded number of"
+    say(f"FID of {stats.count:,} {name} vs {ref_count} {ref_name}; {tag}: {value:.4f}")
+    return value
+
+
+def _samples(req: FIDRequest) -> tuple[Iterator[np.ndarray], int]:
+    from utils.evaluate.sampling import sample_batches
+    n = req.n_images or DEFAULT_SAMPLES
+    batches = sample_batches(req.make_sampler(), req.cfg, np.arange(n), req.batch_size, req.seed)
+    return (b for _, b in batches), n
+
+
+def _measured(req: FIDRequest, folder: ImageFolder | None):
+    """(uint8 batches, expected count, description) of the measured images."""
+    if folder is not None:
+        return folder, folder.num_examples, f"images of {req.images}"
+    if req.real:
+        ref = reference_images(req.cfg.name, req.split, req.data_dir)
+        return ref, req.n_images or ref.num_examples, f"real {req.cfg.name} {req.split} images"
+    images, n = _samples(req)
+    return images, n, "samples"
+
+
+def _given_reference(req: FIDRequest):
+    """--reference, checked now: Statistics, or an image folder to measure after the samples
+    (None if not given); and its description."""
+    if not req.reference:
+        return None, ""
+    if os.path.isdir(req.reference):
+        return ImageFolder(req.reference, req.fid_batch), f"images of {req.reference}"
+    if not req.reference.endswith(".npz"):
+        raise FIDError(f"--reference {req.reference}: neither a folder of images nor a "
+                       f"statistics file (.npz)")
+    return load_statistics(req.reference), req.reference
+
+
+def _default_reference(req: FIDRequest, net):
+    """The dataset's real images: their cached statistics, else the images (checked now)."""
+    name = f"real {req.cfg.name} {req.split} images"
+    cache = _stats_cache(req, net)
+    if os.path.exists(cache):
+        return load_statistics(cache, dim=net.dim), f"{name} ({cache})"
+    return reference_images(req.cfg.name, req.split, req.data_dir), name
+
+
+def _stats_cache(req: FIDRequest, net) -> str:
+    return os.path.join(STATS_CACHE, f"{req.cfg.name}_{req.split}_{net.provenance.tag}.npz")
+
+
+def _reference_statistics(req: FIDRequest, net, images, say) -> Statistics:
+    """Statistics of the reference images; the dataset's are kept in fid_stats/ for next time."""
+    stats = compute_statistics(images, net, req.fid_batch, total=images.num_examples,
+                               network=net.provenance.describe())
+    if isinstance(images, ReferenceImages):
+        cache = _stats_cache(req, net)
+        save_statistics(cache, stats)
+        say(f"cached the reference statistics in {cache}")
+    return stats
+
+
+def measure_digits(req: FIDRequest, say=print) -> float:
+    """digits: the Frechet distance of the digit classifier's features to the held-out digits."""
+    from utils.evaluate.digit_classifier import digits_fd
+    given = [f for f, v in (("--reference", req.reference), ("--save_stats", req.save_stats),
+                            ("--inception", req.inception), ("--real", req.real)) if v]
+    if given:
+        raise FIDError(f"{req.cfg.name} is scored with its digit classifier, not Inception: "
+                       f"{', '.join(given)} do not apply")
+    if req.images:
+        batches = ImageFolder(req.images, req.fid_batch, limit=req.n_images,
+                              mode="L" if req.cfg.network.in_ch == 1 else "RGB")
+    else:
+        batches, _ = _samples(req)
+    images = np.concatenate(list(batches))
+    value = digits_fd(images)
+    say(f"FD of {len(images):,} {req.cfg.name} images vs the real held-out digits, in the digit "
+        f"classifier's features: {value:.4f}")
+    return value
+

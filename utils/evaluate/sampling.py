@@ -1,37 +1,24 @@
-"""Finding a student checkpoint and drawing samples from it (or from the DDIM teacher) in batches.
+"""Drawing samples in batches from a student (one network call) or from its teacher (the solver
+loop of models/diffusion.py), and the noise they start from.
 
 The noise of sample i is a pure function of (seed, i), so a figure or folder is reproducible bit for
 bit whatever the batch size, and a resumed folder continues exactly where it stopped.
 """
 from __future__ import annotations
 
-import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from data.shards import example_noise
-from models.configs import DatasetConfig
+from models.configs import DatasetConfig, SamplerConfig
+from models.diffusion import describe_sampler, example_noise, student_fn, teacher_fn
 from models.unet import UNet
-from models.formats.diffusers import is_diffusers_folder
-from models.weights import META_FILE, PRETRAINED, Weights, WeightsError, load_unet
+from models.weights import Weights, WeightsError, find_student, load_unet, shipped
 from utils.images import to_uint8
 
 SAMPLE_STREAM = 2  # noise stream for evaluation samples (0 and 1 are the pair sets)
-ORIGINAL_DIR = "./denoising_student_models"
-RELEASE = ("denoising_student_models.zip from the original release "
-           "(https://drive.google.com/file/d/1tW5t3W4wqE5f0NXaaiYuFK_2JOBrf9cY)")
-
-
-def shipped(cfg: DatasetConfig, role: str) -> str | None:
-    """models/pretrained/{dataset}/{role} ("student", "teacher") if the repository ships it."""
-    folder = os.path.join(PRETRAINED, cfg.name, role)
-    return folder if os.path.isdir(folder) else None
-
-
-def default_model_dir(cfg: DatasetConfig) -> str:
-    return shipped(cfg, "student") or ORIGINAL_DIR
+Sampler = Callable[[tf.Tensor], tf.Tensor]
 
 
 def default_teacher(cfg: DatasetConfig) -> str:
@@ -41,30 +28,23 @@ def default_teacher(cfg: DatasetConfig) -> str:
     return folder
 
 
-def find_student(model_dir: str, cfg: DatasetConfig) -> str:
-    """The weight file/folder inside `model_dir`: a training run (its best/, else last/), a
-    converted checkpoint, the original release's {dataset}_ema_model.h5, or a file given directly."""
-    candidates = [model_dir, os.path.join(model_dir, "best"), os.path.join(model_dir, "last"),
-                  os.path.join(model_dir, cfg.name)]
-    for c in candidates:
-        if os.path.isfile(os.path.join(c, META_FILE)):
-            return c
-    if os.path.isdir(model_dir) and is_diffusers_folder(model_dir):
-        return model_dir
-    h5 = os.path.join(model_dir, f"{cfg.name}_ema_model.h5")
-    if os.path.isfile(h5):
-        return h5
-    if os.path.isfile(model_dir) and model_dir.endswith(".h5"):
-        return model_dir
-    raise WeightsError(f"no {cfg.name} student in {model_dir}: expected a training run (SAVEDIR "
-                       f"with best/), a converted checkpoint (weights.json), a diffusers folder, or "
-                       f"{cfg.name}_ema_model.h5 from {RELEASE} unzipped into {ORIGINAL_DIR}/")
-
-
 def load_student(model_dir: str | None, cfg: DatasetConfig,
                  compute_dtype: str = "float32") -> tuple[UNet, Weights]:
-    return load_unet(find_student(model_dir or default_model_dir(cfg), cfg), cfg,
-                     compute_dtype=compute_dtype)
+    return load_unet(find_student(model_dir, cfg), cfg, compute_dtype=compute_dtype)
+
+
+def make_sampler(cfg: DatasetConfig, model_dir: str | None, *, teacher: SamplerConfig | None = None,
+                 compute_dtype: str = "float32", xla: bool = True, say=print) -> Sampler:
+    """z -> x0: the student's one step, or with `teacher` (a SamplerConfig) the teacher's solver
+    loop on the weights in model_dir (default: the shipped teacher)."""
+    if teacher is not None:
+        model, weights = load_unet(model_dir or default_teacher(cfg), cfg,
+                                   compute_dtype=compute_dtype)
+        say(f"teacher ({describe_sampler(teacher)}): {weights.describe()}")
+        return teacher_fn(model, teacher, xla)
+    model, weights = load_student(model_dir, cfg, compute_dtype=compute_dtype)
+    say(f"student: {weights.describe()}")
+    return student_fn(model, xla)
 
 
 def noise_for(indices: np.ndarray | tf.Tensor, cfg: DatasetConfig, seed: int | tf.Tensor
@@ -74,7 +54,7 @@ def noise_for(indices: np.ndarray | tf.Tensor, cfg: DatasetConfig, seed: int | t
                          cfg.network.image_shape)
 
 
-def sample_batches(sample, cfg: DatasetConfig, indices: np.ndarray, batch: int, seed: int
+def sample_batches(sample: Sampler, cfg: DatasetConfig, indices: np.ndarray, batch: int, seed: int
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(indices, uint8 images) for the given sample indices, `batch` at a time."""
     for start in range(0, len(indices), batch):

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from data.shards import (PairReader, dequantise_targets, heldout_batches, open_pair_set,
-                         steps_per_epoch)
-from models.configs import CKPT_EVERY, DatasetConfig, TrainConfig
+from data.reader import PairReader, steps_per_epoch
+from data.shards import dequantise_targets, heldout_batches, open_pair_set
+from models.configs import CKPT_EVERY, STEPS_PER_CALL, DatasetConfig, TrainConfig
 from models.diffusion import student_fn, student_loss
 from models.unet import UNet
 from models.weights import load_unet
 from utils import fileio
-from utils.errors import UserError
 from utils.strategy import worker_info
 from utils.train.loop import Stage, save_run_config
 
@@ -45,7 +44,7 @@ class StudentSettings:
     xla: bool = True
     ckpt_every: int = CKPT_EVERY
     n_eval: int | None = None  # held-out pairs scored at each checkpoint (None: all)
-    steps_per_call: int = 1  # optimizer steps per compiled call (the host reads back once per call)
+    steps_per_call: int = STEPS_PER_CALL  # optimizer steps per compiled call
 
     def flat(self) -> dict:
         """One level of keys, as config.json has always held them (a resumed run compares them)."""
@@ -81,8 +80,6 @@ def train_student(cfg: DatasetConfig, s: StudentSettings, strategy: tf.distribut
     teacher, weights = load_unet(teacher_path, cfg, ema=not raw_teacher)
     net = teacher.cfg  # the teacher's network, GroupNorm epsilon included
     per_epoch = steps_per_epoch(pairs, tr.batch_size)
-    if per_epoch == 0:
-        raise UserError(f"{pairs.n_train} training pairs are fewer than one batch of {tr.batch_size}")
     total = int(math.ceil(tr.epochs * per_epoch))
     stage = Stage(
         strategy, savedir, lambda: UNet(net, compute_dtype="bfloat16" if s.bf16 else "float32"),
@@ -95,7 +92,7 @@ def train_student(cfg: DatasetConfig, s: StudentSettings, strategy: tf.distribut
     if not stage.resumed:
         trainer.init_from(teacher)
     del teacher
-    score_heldout = heldout_scorer(trainer.ema, pairs, tr.loss, s.n_eval)
+    score_heldout = heldout_scorer(trainer.ema, pairs, tr.loss, s.n_eval)  # picks best/
     if stage.chief:
         print(f"student: {weights.describe()}; {pairs.n_train:,} pairs, {per_epoch} steps/epoch, "
               f"{total} steps, {strategy.num_replicas_in_sync} replica(s)"
@@ -107,6 +104,7 @@ def train_student(cfg: DatasetConfig, s: StudentSettings, strategy: tf.distribut
         # Portable provenance: what the weights are and the command, not this machine's folders.
         meta = {"dataset": cfg.name, "source": f"Denoising Student distilled from {weights.source}",
                 "command": command, "step": step, "ema": True, "heldout_loss": loss,
+                "heldout_loss_kind": tr.loss,
                 "teacher": weights.source, "teacher_step": weights.step,
                 "teacher_sha256": weights.sha256}
         stage.export(os.path.join(savedir, "last"), meta)
@@ -130,5 +128,5 @@ def train_student(cfg: DatasetConfig, s: StudentSettings, strategy: tf.distribut
         progress=progress, steps_per_call=s.steps_per_call)
     best = os.path.join(savedir, "best")
     if stage.chief and fileio.isdir(best):
-        print(f"best held-out loss {float(trainer.best_heldout.numpy()):.6g}: {best}")
+        print(f"best held-out {tr.loss} loss {float(trainer.best_heldout.numpy()):.6g}: {best}")
     return {"steps": step, "best_heldout": float(trainer.best_heldout.numpy())}

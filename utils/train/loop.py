@@ -1,5 +1,5 @@
-"""The training engine shared by the student (distillation) and the teacher (DDPM) stages:
-Adam with linear warmup, an EMA of the weights, gradient accumulation, a compiled distributed step,
+"""The training engine shared by the student (distillation) and the teacher (DDPM) stages (the
+optimiser is utils/train/optim.py): an EMA of the weights, gradient accumulation, a compiled distributed step,
 checkpoints that resume exactly, TensorBoard and a progress bar (Trainer, run_loop), and the run
 folder around them: sample grids, the exported EMA weights in last/, the distributed epoch data
 (Stage).
@@ -14,14 +14,13 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from models.configs import OptimConfig
+from models.configs import STEPS_PER_CALL, OptimConfig
 from models.unet import UNet, official_variables
 from models.weights import save_converted, variables_checkpoint
 from utils import fileio
@@ -29,6 +28,7 @@ from utils.errors import UserError
 from utils.fileio import write_json
 from utils.images import make_grid, save_png, to_uint8
 from utils.strategy import worker_info
+from utils.train.optim import FusedAdam, LinearWarmup
 
 
 def check_batch_split(global_batch: int, replicas: int, grad_accum: int = 1) -> None:
@@ -36,71 +36,6 @@ def check_batch_split(global_batch: int, replicas: int, grad_accum: int = 1) -> 
     if global_batch % (replicas * grad_accum):
         raise UserError(f"batch {global_batch} is not divisible by {replicas} replica(s) x "
                         f"{grad_accum} accumulation step(s) (--batch_size, --grad_accum)")
-
-
-@keras.saving.register_keras_serializable("denoising_student")
-class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
-    """lr * min(1, (step + 1) / warmup): linear warmup, then constant (the original's student), or
-    with decay_steps > 0 a cosine decay from lr at the end of the warmup to 0 at decay_steps."""
-
-    def __init__(self, lr: float, warmup_steps: int, decay_steps: int = 0):
-        self.lr, self.warmup_steps, self.decay_steps = lr, warmup_steps, decay_steps
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32) + 1.0
-        lr = self.lr * tf.minimum(1.0, step / max(self.warmup_steps, 1))
-        if self.decay_steps > 0:
-            span = max(self.decay_steps - self.warmup_steps, 1)
-            done = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
-            lr *= 0.5 * (1.0 + tf.cos(math.pi * done))
-        return lr
-
-    def get_config(self):
-        return {"lr": self.lr, "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps}
-
-
-class FusedAdam(keras.optimizers.Adam):
-    """Keras Adam (same variables, same checkpoints, same arithmetic) whose per-variable update is
-    TensorFlow's fused Adam kernel, one op instead of Keras's dozen, and whose step scalars (the
-    bias-correction powers, the learning rate) are made once per update, not once per variable.
-    Keras's distribution logic (gradient all-reduce, per-device update) is unchanged. No amsgrad:
-    the kernel has none. Why: creating ops dominates a step's trace and the graph optimiser's
-    first call. The tiny config's whole step has 9,977 ops with Keras's update, 6,952 with the
-    fused kernel, 5,522 with the scalars made once (5,091 with the EMA update below)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.amsgrad:
-            raise ValueError("FusedAdam has no amsgrad variant")
-        self._scalars: dict = {}
-
-    def apply(self, grads, trainable_variables=None):
-        try:
-            return super().apply(grads, trainable_variables)
-        finally:
-            self._scalars = {}  # made afresh in each update (and each traced graph)
-
-    def _step_scalars(self, dtype: tf.DType, device: str, learning_rate) -> dict:
-        """ResourceApplyAdam's scalar inputs for this update, once per dtype and device:
-        lr_t = lr sqrt(1 - beta_2^t) / (1 - beta_1^t) is formed by the kernel from these."""
-        key = (dtype, device)
-        if key not in self._scalars:
-            step = tf.cast(self.iterations + 1, dtype)
-            beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-            self._scalars[key] = dict(
-                beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
-                lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
-                epsilon=tf.cast(self.epsilon, dtype))
-        return self._scalars[key]
-
-    def update_step(self, gradient, variable, learning_rate):
-        # m, v: moving averages of g and g^2; var -= lr_t m / (sqrt(v) + eps)
-        dtype = variable.dtype
-        index = self._get_variable_index(variable)
-        m, v = self._momentums[index].value, self._velocities[index].value
-        tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=m.handle, v=v.handle, grad=tf.cast(gradient, dtype),
-            **self._step_scalars(dtype, variable.device, learning_rate))
 
 
 LossFn = Callable[..., tf.Tensor]
@@ -192,7 +127,7 @@ class Trainer:
         """One optimizer update on every replica, then the EMA update; the summed loss."""
         losses = self.strategy.run(self._replica_step, args=batch)
         # Cross-replica context: the same value lands on every replica. Kept out of the XLA step:
-        # fused into it, the EMA cost 26 ms a step on the tiny config (bench/train_step.py), here 4.
+        # fused into it, the EMA cost 6x as much (docs/performance.md).
         self._update_ema()
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
@@ -218,20 +153,6 @@ class Trainer:
         return self._distributed_steps(iterator, tf.constant(n, tf.int32))
 
 
-def generator_dataset(make_batches: Callable[[], Iterator], specs: tuple[tf.TensorSpec, ...],
-                      local_replicas: int) -> tf.data.Dataset:
-    """A host's dataset of per-replica batches from a Python generator of host batches (tuples
-    of numpy arrays), each split into `local_replicas` consecutive elements. For small in-memory
-    data (the teacher's images); the pairs are read by data.shards.PairReader, natively."""
-    per_replica = specs[0].shape[0]
-
-    def gen():
-        for arrays in make_batches():
-            for r in range(local_replicas):  # consecutive elements go to consecutive replicas
-                yield tuple(a[r * per_replica:(r + 1) * per_replica] for a in arrays)
-    return tf.data.Dataset.from_generator(gen, output_signature=specs)
-
-
 DatasetFn = Callable[[int, int, tf.distribute.InputContext], tf.data.Dataset]
 """(epoch, start step, input context) -> this host's per-replica batches from that point on."""
 
@@ -239,7 +160,7 @@ DatasetFn = Callable[[int, int, tf.distribute.InputContext], tf.data.Dataset]
 def distributed_dataset(strategy: tf.distribute.Strategy, make: DatasetFn, epoch: int, start: int):
     """Per-host input (distribute_datasets_from_function): each host builds and reads its own
     part of every global batch. A single replica reads its dataset directly: the distribution
-    wrapper cost 3.5x the pairs/s of the native reader on a 2-core CPU (bench/reader.py)."""
+    wrapper costs a single replica more than the reader itself (docs/performance.md)."""
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         return make(epoch, start, ctx).prefetch(2)
     if strategy.num_replicas_in_sync == 1:  # one replica, so one host
@@ -261,7 +182,8 @@ def call_length(step: int, step_in_epoch: int, *, total_steps: int, steps_per_ep
 
 def run_loop(trainer: Trainer, *, total_steps: int, steps_per_epoch: int, data, ckpt_every: int,
              on_checkpoint: Callable[[int], None], logger: "Logger", desc: str,
-             progress: bool = True, ckpt_at_epoch_end: bool = True, steps_per_call: int = 1) -> int:
+             progress: bool = True, ckpt_at_epoch_end: bool = True,
+             steps_per_call: int = STEPS_PER_CALL) -> int:
     """Train until `total_steps`, resuming at the trainer's saved position, reading `data` (the
     distributed batches from that position on; one iterator for the whole run). Every
     `ckpt_every` steps, at each epoch end (unless ckpt_at_epoch_end is off: tiny epochs) and at
@@ -339,7 +261,7 @@ class Stage:
 
     def run(self, *, steps_per_epoch: int, make_dataset: DatasetFn,
             on_checkpoint: Callable[[int], None], ckpt_every: int, desc: str, progress: bool,
-            ckpt_at_epoch_end: bool = True, steps_per_call: int = 1) -> int:
+            ckpt_at_epoch_end: bool = True, steps_per_call: int = STEPS_PER_CALL) -> int:
         """Train to total_steps on make_dataset(epoch, start, ctx): this host's per-replica
         batches from step `start` of `epoch` on. Returns the last step."""
         trainer = self.trainer
@@ -352,12 +274,6 @@ class Stage:
         if not self.chief:
             shutil.rmtree(self.trainer.savedir, ignore_errors=True)
         return step
-
-
-def replica_specs(per_replica: int, *shapes_dtypes: tuple[tuple, tf.DType]
-                  ) -> tuple[tf.TensorSpec, ...]:
-    """TensorSpecs of one replica's share of a batch: (shape of one example, dtype) each."""
-    return tuple(tf.TensorSpec((per_replica, *shape), dtype) for shape, dtype in shapes_dtypes)
 
 
 class Logger:

@@ -6,49 +6,64 @@ al. 2020) trained on real images with the same engine as the student (utils/trai
 """
 from __future__ import annotations
 
-import itertools
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from models.configs import CKPT_EVERY, DatasetConfig
-from models.diffusion import alpha_bars, ddim_fn, ddpm_loss
+from models.configs import CKPT_EVERY, STEPS_PER_CALL, DatasetConfig
+from models.diffusion import alpha_bars, ddpm_loss, teacher_fn
 from models.unet import UNet
-from models.weights import META_FILE
-from utils import fileio
+from models.weights import recognise
 from utils.errors import UserError
-from utils.train.loop import Stage, generator_dataset, replica_specs
+from utils.train.loop import Stage
 
 TEACHER_DIR, TEACHER_RUN = "teacher", "teacher_run"
+TEACHER_KEY = 0x7EAC_4E75  # keeps the teacher stage's random streams apart from other uses of `seed`
 N_SAMPLES = 64
 
 
-def teacher_batches(images: np.ndarray, batch: int, epoch: int, seed: int, start: int,
-                    part: tuple[int, int], num_timesteps: int):
-    """(x0, eps, t) batches of one epoch: a seeded shuffle of the images, and noise and timesteps
-    drawn from (seed, epoch, step), so the stream is the same for any number of replicas."""
-    worker, n_workers = part
-    per_worker = batch // n_workers
-    order = np.random.default_rng([seed, epoch]).permutation(len(images))
-    for step in range(start, len(images) // batch):
-        rng = np.random.default_rng([seed, epoch, step])
-        idx = order[step * batch:(step + 1) * batch]
-        eps = rng.standard_normal(images[idx].shape).astype(np.float32)
-        t = rng.integers(0, num_timesteps, batch).astype(np.int32)
-        sl = slice(worker * per_worker, (worker + 1) * per_worker)
-        yield images[idx][sl], eps[sl], t[sl]
+def teacher_dataset(images: np.ndarray, batch: int, seed: int, num_timesteps: int, *,
+                    epoch: int, start: int, part: tuple[int, int], local_replicas: int
+                    ) -> tf.data.Dataset:
+    """This host's per-replica (x0, eps, t) batches from step `start` of `epoch` on, without end:
+    each epoch a stateless shuffle of the images keyed by (seed, epoch), and noise and timesteps
+    keyed by (seed, epoch, step), so the stream is the same for any number of hosts and replicas.
+    Host h of n takes the h-th n-th of every global batch; consecutive elements go to consecutive
+    local replicas (what distribute_datasets_from_function does with them)."""
+    host, n_hosts = part
+    per_host = batch // n_hosts
+    per_replica = per_host // local_replicas
+    n, shape = len(images), images.shape[1:]
+    data = tf.constant(images, tf.float32)
+
+    def one_epoch(e):
+        key = tf.random.experimental.stateless_fold_in(tf.constant([seed, TEACHER_KEY], tf.int64), e)
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=key)
+
+        def step_batch(step):
+            step_key = tf.random.experimental.stateless_fold_in(key, step + 1)
+            eps = tf.random.stateless_normal([batch, *shape], seed=step_key)
+            t = tf.random.stateless_uniform([batch], seed=step_key[::-1], maxval=num_timesteps,
+                                            dtype=tf.int32)
+            mine = slice(host * per_host, (host + 1) * per_host)
+            x0 = tf.gather(data, order[step * batch:(step + 1) * batch][mine])
+            split = lambda v: tf.reshape(v, [local_replicas, per_replica, *v.shape[1:]])
+            return tf.data.Dataset.from_tensor_slices((split(x0), split(eps[mine]), split(t[mine])))
+        first = tf.where(e == epoch, tf.constant(start, tf.int64), 0)
+        return tf.data.Dataset.range(first, n // batch).flat_map(step_batch)
+    return tf.data.Dataset.range(epoch, 2 ** 62).flat_map(one_epoch)
 
 
 def trained_teacher(savedir: str) -> str | None:
     path = os.path.join(savedir, TEACHER_DIR)
-    return path if fileio.exists(os.path.join(path, META_FILE)) else None
+    return path if recognise(path) else None
 
 
 def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribute.Strategy,
                   savedir: str, seed: int = 0, steps: int | None = None, xla: bool = True,
                   progress: bool = True, source: str = "", ckpt_every: int | None = None,
-                  command: str | None = None, steps_per_call: int = 1) -> str:
+                  command: str | None = None, steps_per_call: int = STEPS_PER_CALL) -> str:
     """Train (or resume training) the teacher with the dataset's recipe (DDPM's if it has none);
     returns the folder of its exported EMA weights. Checkpoints (with a DDIM sample grid) come
     every `ckpt_every` steps; by default ten times a run, at most CKPT_EVERY steps apart."""
@@ -65,25 +80,17 @@ def train_teacher(cfg: DatasetConfig, images: np.ndarray, strategy: tf.distribut
     stage = Stage(strategy, run_dir, lambda: UNet(cfg.network), tt.optim,
                   lambda m, x0, eps, t, step: ddpm_loss(m, x0, eps, t, abar),
                   global_batch=tt.batch_size, total_steps=total, xla=xla,
-                  make_sampler=lambda ema: ddim_fn(ema, cfg.sampler),
+                  make_sampler=lambda ema: teacher_fn(ema, cfg.sampler),
                   noise=tf.random.stateless_normal([N_SAMPLES, *shape], seed=[seed, 4321]))
 
     def checkpoint(step: int) -> None:
         stage.sample_grid(step, "teacher_ddim_samples")
         stage.export(os.path.join(run_dir, "last"), {**provenance, "step": step})
 
-    specs = replica_specs(tt.batch_size // strategy.num_replicas_in_sync,
-                          (shape, tf.float32), (shape, tf.float32), ((), tf.int32))
-
     def make_dataset(epoch: int, start: int, ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        part = (ctx.input_pipeline_id, ctx.num_input_pipelines)
-
-        def host_batches():  # this epoch from `start` on, then the next epochs from their start
-            for e in itertools.count(epoch):
-                yield from teacher_batches(images, tt.batch_size, e, seed, start if e == epoch else 0,
-                                           part, cfg.sampler.num_timesteps)
-        local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-        return generator_dataset(host_batches, specs, local)
+        return teacher_dataset(images, tt.batch_size, seed, cfg.sampler.num_timesteps, epoch=epoch,
+                               start=start, part=(ctx.input_pipeline_id, ctx.num_input_pipelines),
+                               local_replicas=ctx.num_replicas_in_sync // ctx.num_input_pipelines)
 
     step = stage.run(
         steps_per_epoch=per_epoch, make_dataset=make_dataset, on_checkpoint=checkpoint,
