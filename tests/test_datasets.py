@@ -17,7 +17,7 @@ def test_digits_splits_and_scaling():
 
 
 def test_tfds_images_resized_and_scaled_offline():
-    import tensorflow_datasets as tfds  # heavy: imported by the test that needs it, not at collection
+    import tensorflow_datasets as tfds  # heavy: imported here, not when pytest collects
     with tfds.testing.mock_data(num_examples=6):
         x = tfds_images("mnist", resolution=8, channels=1)
     assert x.shape == (6, 8, 8, 1) and x.dtype == np.float32

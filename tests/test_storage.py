@@ -248,7 +248,7 @@ def test_parts_of_another_set_in_the_folder_are_refused(tmp_path):
 
 def tiny_teacher_fn(teacher):
     model, _ = load_unet(teacher, TINY)
-    return make_teacher_fn(model, TINY, tf.distribute.OneDeviceStrategy("/cpu:0"), xla=False)
+    return make_teacher_fn(model, TINY.sampler, tf.distribute.OneDeviceStrategy("/cpu:0"), xla=False)
 
 
 @pytest.mark.slow
