@@ -174,3 +174,27 @@ def test_tofolder_remakes_pngs_that_do_not_verify(student, tmp_path, capsys):
     for i, name in enumerate(names):
         assert np.abs(png(name).astype(int) - ref[i]).max() <= 1, i
     assert {i: os.stat(names[i]).st_mtime_ns for i in kept} == kept  # the good ones untouched
+
+
+def test_teacher_tofolder_with_dpmpp_is_the_solvers_output(tmp_path, capsys):
+    """--sampler teacher --solver dpmpp_2m: the shipped digits teacher's DPM-Solver++ samples, the
+    images of run_solver over diffusers' 5 timesteps from the evaluation noise."""
+    from models.configs import CONFIGS as ALL
+    from models.diffusion import choose_sampler, run_solver, solver_plan
+    from models.weights import shipped
+    digits = ALL["digits"]
+    code, out, err = run_main("eval", ["tofolder", tmp_path, "digits", "--sampler", "teacher",
+                                       "--solver", "dpmpp_2m", "--solver_steps", "5",
+                                       "--n_images", "6", "--no-xla"], capsys)
+    assert code == 0, err
+    assert "teacher (DPM-Solver++(2M), 5 linspace steps (5 network calls, from t = 999))" in out
+    teacher, _ = load_unet(shipped(digits, "teacher"), digits)
+    plan = solver_plan(choose_sampler(digits.sampler, "dpmpp_2m", 5))
+    z = np.stack([tf.random.stateless_normal(digits.network.image_shape,
+                                             seed=tf.constant([0, 2 * 2 ** 40 + i], tf.int64))
+                  .numpy().astype(np.float16).astype(np.float32) for i in range(6)])
+    x0 = tf.function(lambda v: run_solver(teacher, v, plan))(z).numpy()
+    want = np.floor((np.clip(x0, -1, 1) + 1) * 127.5 + 0.5).astype(int)
+    for i in range(6):
+        got = png(tmp_path / f"{i:05d}.png").astype(int).reshape(want[i].shape)
+        assert np.abs(got - want[i]).max() <= 1, i

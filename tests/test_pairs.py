@@ -14,8 +14,8 @@ import tensorflow as tf
 from data import shards
 from data.pairs import generate_pairs, make_teacher_fn, settings_for
 from data.shards import PairSetError, open_pair_set, read_manifest, heldout_batches
-from models.configs import CONFIGS
-from models.diffusion import ddim_plan, run_solver
+from models.configs import CONFIGS, SamplerConfig
+from models.diffusion import ddim_plan, run_solver, solver_plan
 from models.weights import load_unet
 from tests.conftest import PAIR_SEED, PAIRS
 from tests.helpers import ROOT, reader_batches, run_main
@@ -145,6 +145,35 @@ def test_other_settings_are_refused_without_touching_files(reference_set, teache
     assert code == 2 and "Traceback" not in err
     assert "other settings (seed: 1 there, 8 now)" in err
     assert files_of(folder) == before
+
+
+def test_another_sampler_is_refused_naming_both(reference_set, teacher, tmp_path, capsys):
+    folder = str(tmp_path / "other")
+    shutil.copytree(reference_set, folder)
+    before = files_of(folder)
+    code, _, err = generate(teacher, folder, capsys, "--solver", "dpmpp_2m", "--solver_steps", "4")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert ("sampler: DDIM, 10 quadratic steps (10 network calls, from t = 800) there, "
+            "DPM-Solver++(2M), 4 linspace steps (4 network calls, from t = 999) now") in err
+    assert files_of(folder) == before
+
+
+def test_dpmpp_pairs_are_the_solvers_output_and_recorded(teacher, tmp_path, capsys):
+    folder = str(tmp_path / "dpmpp")
+    code, _, err = generate(teacher, folder, capsys, "--solver", "dpmpp_2m", "--solver_steps",
+                            "4", "--n_examples", "32", "--shard_size", "32", "--n_test", "16")
+    assert code == 0, err
+    sampler = read_manifest(folder)["sampler"]
+    assert (sampler["solver"], sampler["steps"], sampler["skip_type"]) == ("dpmpp_2m", 4, "linspace")
+    # the stored Y: the solver's output on the stored X (diffusers' timesteps 999, 749, 500, 250)
+    model, _ = load_unet(teacher, TINY)
+    x = np.load(os.path.join(folder, "x_train_0.npy")).astype(np.float32)
+    plan = solver_plan(SamplerConfig(**sampler))
+    assert list(plan.t) == [999, 749, 500, 250]
+    out = tf.function(lambda v: run_solver(model, v, plan))(x).numpy()
+    y = np.load(os.path.join(folder, "y_train_0.npy"))
+    expected = np.round((np.clip(out, -1, 1) + 1) * 127.5)
+    assert np.abs(y.astype(int) - expected.astype(int)).max() <= 1
 
 
 def _tiny_teacher_fn(teacher):

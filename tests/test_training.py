@@ -47,7 +47,7 @@ def tiny_model():
     return model_with(NET, PARAMS)
 
 
-@pytest.mark.parametrize("kind", ["l1", "l2"])
+@pytest.mark.parametrize("kind", ["l1", "l2", "pseudo_huber"])
 def test_loss_is_the_originals_formula(kind):
     rng = np.random.default_rng(0)
     z = rng.standard_normal((4, *NET.image_shape)).astype(np.float32)
@@ -57,6 +57,9 @@ def test_loss_is_the_originals_formula(kind):
                         groups=NET.gn_groups)
     diff = y - (z - eps)
     per_image = (np.abs(diff) if kind == "l1" else diff ** 2).sum(axis=(1, 2, 3))
+    if kind == "pseudo_huber":  # Song & Dhariwal 2023: sqrt(||d||^2 + c^2) - c, c = 0.00054 sqrt(d)
+        c = 0.00054 * np.sqrt(diff[0].size)
+        per_image = np.sqrt(per_image + c * c) - c
     global_batch = 8  # the original divides the per-image sums by the global batch
     ours = float(tf.reduce_sum(student_loss(tiny_model(), z, y, kind))) / global_batch
     assert ours == pytest.approx(per_image.sum() / global_batch, rel=1e-5)
@@ -258,3 +261,5 @@ def test_heldout_loss_falls_steadily_below_its_initial_value(tiny_student):
     assert min(held) < 0.95 * held[0] and all(a > b for a, b in zip(held, held[1:]))
     model, w = load_unet(os.path.join(tiny_student, "best"), TINY)
     assert w.dataset == "tiny" and w.ema
+    meta = json.load(open(os.path.join(tiny_student, "best", "weights.json")))
+    assert meta["heldout_loss_kind"] == "l1" and meta["heldout_loss"] == pytest.approx(min(held))

@@ -40,10 +40,9 @@ def keep_freed_memory() -> None:
     By default it maps every block above 32 MB fresh from the OS and unmaps it when freed, and
     each thread allocating gets an arena of its own, where a block above 64 MB is always mapped
     fresh; the pair reader decodes whole shards into such blocks on tf.data's threads, so each
-    was page-faulted in again. One arena and no trimming: 4x fewer page faults and 1.5-1.7x the
-    reader's pairs/s at batch 2048 (bench/reader.py, 2-core VM), training steps unchanged. The
-    process keeps its peak memory instead of returning it. A no-op where the C library is not
-    glibc."""
+    was page-faulted in again. One arena and no trimming keep them (docs/performance.md has the
+    reader's figures). The process keeps its peak memory instead of returning it. A no-op where
+    the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt

@@ -15,6 +15,15 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.rint((np.clip(np.asarray(x, np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
+def rgb_uint8(images, what: str = "images") -> np.ndarray:
+    """`images` as a uint8 [N, H, W, 3] array; ValueError for anything else (a float batch could be
+    in [0, 1] or [-1, 1] and silently give a wrong FID)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{what} must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    return images
+
+
 def grid_side(n: int) -> int:
     return math.ceil(math.sqrt(n))
 

