@@ -7,8 +7,9 @@ global batches (a last partial batch is dropped). Worker i of n takes the i-th n
 global batch. Both shuffles are TensorFlow's stateless_shuffle, keyed by stateless_fold_in of
 (seed, epoch) and of the group, so the whole reader is graph ops: shards are read with
 tf.io.read_file (any tf.io.gfile path), their rows taken after the .npy header by decode_raw.
-A host reads a group of shards at a time while the previous one is served: about three groups in
-memory.
+A host reads a group of shards at a time while the previous one is served: it holds the group
+served and the one prefetched, and while a group is read also its file bytes and their decoded copy
+(tests/test_reader_memory.py measures a peak of 4-7 groups, never the whole set).
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class PairReader:
     Per group of shards: the files are read and decoded once and this host's rows of the group
     put in epoch order (one copy); its batches are then slices of that, with no copy (a scan
     carries the rows of a batch that a group ends part-way into the next group). One group is
-    read while the previous one is served: about three groups' rows in memory."""
+    read while the previous one is served: a peak of about 4-7 groups' bytes in memory (the group
+    served, the one prefetched, and a group's file bytes and decoded copy while it is read)."""
 
     def __init__(self, pairs: PairSet, global_batch: int, seed: int,
                  shards_per_group: int = SHARDS_PER_GROUP):
