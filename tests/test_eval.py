@@ -178,7 +178,7 @@ def test_tofolder_remakes_pngs_that_do_not_verify(student, tmp_path, capsys):
 
 def test_teacher_tofolder_with_dpmpp_is_the_solvers_output(tmp_path, capsys):
     """--sampler teacher --solver dpmpp_2m: the shipped digits teacher's DPM-Solver++ samples, the
-    images of run_solver over diffusers' 5 timesteps from the evaluation noise."""
+    images of run_solver over 5 of the dataset's quadratic timesteps from the evaluation noise."""
     from models.configs import CONFIGS as ALL
     from models.diffusion import choose_sampler, run_solver, solver_plan
     from models.weights import shipped
@@ -187,7 +187,7 @@ def test_teacher_tofolder_with_dpmpp_is_the_solvers_output(tmp_path, capsys):
                                        "--solver", "dpmpp_2m", "--solver_steps", "5",
                                        "--n_images", "6", "--no-xla"], capsys)
     assert code == 0, err
-    assert "teacher (DPM-Solver++(2M), 5 linspace steps (5 network calls, from t = 999))" in out
+    assert "teacher (DPM-Solver++(2M), 5 quadratic steps (5 network calls, from t = 800))" in out
     teacher, _ = load_unet(shipped(digits, "teacher"), digits)
     plan = solver_plan(choose_sampler(digits.sampler, "dpmpp_2m", 5))
     z = np.stack([tf.random.stateless_normal(digits.network.image_shape,

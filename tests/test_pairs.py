@@ -154,14 +154,15 @@ def test_another_sampler_is_refused_naming_both(reference_set, teacher, tmp_path
     code, _, err = generate(teacher, folder, capsys, "--solver", "dpmpp_2m", "--solver_steps", "4")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert ("sampler: DDIM, 10 quadratic steps (10 network calls, from t = 800) there, "
-            "DPM-Solver++(2M), 4 linspace steps (4 network calls, from t = 999) now") in err
+            "DPM-Solver++(2M), 4 quadratic steps (4 network calls, from t = 800) now") in err
     assert files_of(folder) == before
 
 
 def test_dpmpp_pairs_are_the_solvers_output_and_recorded(teacher, tmp_path, capsys):
     folder = str(tmp_path / "dpmpp")
     code, _, err = generate(teacher, folder, capsys, "--solver", "dpmpp_2m", "--solver_steps",
-                            "4", "--n_examples", "32", "--shard_size", "32", "--n_test", "16")
+                            "4", "--solver_spacing", "linspace", "--n_examples", "32",
+                            "--shard_size", "32", "--n_test", "16")
     assert code == 0, err
     sampler = read_manifest(folder)["sampler"]
     assert (sampler["solver"], sampler["steps"], sampler["skip_type"]) == ("dpmpp_2m", 4, "linspace")

@@ -100,6 +100,14 @@ def test_first_order_step_is_ddim_between_the_same_timesteps():
     np.testing.assert_allclose(one, ddim, atol=1e-5)
 
 
+def test_defaults_are_the_datasets_spacing_and_the_measured_calls():
+    from models.diffusion import DPMPP_STEPS
+    for name in ("cifar10", "lsun_church", "digits"):
+        cfg = choose_sampler(CONFIGS[name].sampler, "dpmpp_2m")
+        assert (cfg.steps, cfg.skip_type) == (DPMPP_STEPS, CONFIGS[name].sampler.skip_type)
+    assert choose_sampler(CONFIGS["cifar10"].sampler) == CONFIGS["cifar10"].sampler  # the paper's
+
+
 def test_quadratic_spacing_is_the_datasets_timesteps():
     cfg = dpmpp(12, "quadratic")
     assert list(solver_plan(cfg).t) == sorted(set(timestep_sequence(cfg)), reverse=True)

@@ -196,8 +196,8 @@ def add_solver_flags(group, solvers: tuple[str, ...], spacings: tuple[str, ...],
                             f"dataset's for ddim, {default_steps} for dpmpp_2m)")
     group.add_argument("--solver_spacing", choices=spacings, default=None,
                        help="where the timesteps lie: quadratic or uniform (DDIM's code, from "
-                            "t = 800 or 999) or linspace (diffusers', from t = 999) (default: "
-                            "the dataset's for ddim, linspace for dpmpp_2m)")
+                            "t = 800 or 980; default: the dataset's, the paper's map) or "
+                            "linspace (diffusers' default, from t = 999)")
 
 
 def overridden(args: argparse.Namespace, config):
