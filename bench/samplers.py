@@ -36,7 +36,7 @@ import tensorflow as tf  # noqa: E402
 
 from bench.digits_quality import CFG, Table, draw, plan_sampler  # noqa: E402
 from models.configs import get_config  # noqa: E402
-from models.diffusion import choose_sampler, describe_sampler, solver_plan  # noqa: E402
+from models.diffusion import SOLVER_NAMES, choose_sampler, describe_sampler, solver_plan  # noqa: E402
 from models.unet import UNet  # noqa: E402
 from models.weights import load_unet  # noqa: E402
 from utils.evaluate.sampling import default_teacher, load_student, noise_for  # noqa: E402
@@ -55,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", nargs="+", default=["quality", "cifar10", "students"],
                    choices=["quality", "cifar10", "students"])
     p.add_argument("--n", type=int, default=1437, help="samples per seed (quality)")
+    p.add_argument("--ddim_steps", type=int, nargs="*", default=list(DDIM_CALLS),
+                   help="DDIM rows (quality): quadratic steps (50 = DDIM-49, the dataset's)")
+    p.add_argument("--dpmpp_steps_rows", type=int, nargs="*", default=list(DPMPP_CALLS),
+                   help="DPM-Solver++(2M) rows (quality): calls")
+    p.add_argument("--spacings", nargs="+", default=["linspace", "quadratic"],
+                   choices=["linspace", "quadratic"], help="DPM-Solver++ rows' spacings")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--cifar10_batch", type=int, default=16)
     p.add_argument("--dpmpp_steps", type=int, default=16, help="the students' DPM-Solver++ calls")
@@ -62,13 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def quality(seeds: list[int], n: int) -> None:
+def quality(seeds: list[int], n: int, ddim: list[int], dpmpp: list[int], spacings: list[str]
+            ) -> None:
     table = Table()
     teacher, weights = load_unet(default_teacher(CFG), CFG)
     print(f"# teacher: {weights.describe()}")
-    rows = [choose_sampler(CFG.sampler, "ddim", s) for s in DDIM_CALLS]
-    rows += [choose_sampler(CFG.sampler, "dpmpp_2m", s, sp) for sp in ("linspace", "quadratic")
-             for s in DPMPP_CALLS]
+    rows = [choose_sampler(CFG.sampler, "ddim", s) for s in ddim]
+    rows += [choose_sampler(CFG.sampler, "dpmpp_2m", s, sp) for sp in spacings for s in dpmpp]
     exact = {}
     for sampler in rows:
         plan = solver_plan(sampler)
@@ -84,7 +90,7 @@ def quality(seeds: list[int], n: int) -> None:
         sets = [draw(plan_sampler(teacher, plan, True)(s), n, s) for s in seeds]
         seconds = time.perf_counter() - start
         rmse = np.sqrt(np.mean((draw_float(teacher, plan, RMSE_N, seeds[0]) - exact[first]) ** 2))
-        name = f"{describe_sampler(sampler).split(' (')[0]} ({plan.n_calls})"
+        name = f"{SOLVER_NAMES[sampler.solver]} {sampler.skip_type} {plan.n_calls} calls"
         table.row(name[:38], sets, seconds, nn=False)
         print(f"#   {plan.n_calls} calls from t = {first}: RMSE to the exact solution "
               f"{rmse * 127.5:.2f} uint8 levels; {n * len(seeds) / seconds:,.0f} samples/s")
@@ -145,7 +151,7 @@ def students(seeds: list[int], n: int, workdir: str, dpmpp_steps: int) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if "quality" in args.parts:
-        quality(args.seeds, args.n)
+        quality(args.seeds, args.n, args.ddim_steps, args.dpmpp_steps_rows, args.spacings)
     if "cifar10" in args.parts:
         cifar10(args.cifar10_batch)
     if "students" in args.parts:
