@@ -30,7 +30,7 @@ EVAL_NUMBERS = {
     "tofolder": {**SAMPLING_NUMBERS, "--zoom": POSITIVE_INT},
     "interpolate": {**SAMPLING_NUMBERS, "--zoom": POSITIVE_INT, "--n_rows": POSITIVE_INT,
                     "--n_steps": POSITIVE_INT},
-    "fid": {**SAMPLING_NUMBERS, "--fid_batch": POSITIVE_INT},
+    "fid": {**SAMPLING_NUMBERS, "--fid_batch": POSITIVE_INT, "--n_runs": POSITIVE_INT},
     "speed": {"--batch_size": POSITIVE_INT, "--repeats": POSITIVE_INT,
               "--solver_steps": POSITIVE_INT},
 }

