@@ -213,6 +213,7 @@ def test_every_numeric_flag_is_in_the_tables():
 VERBOSE_TF = {"TF_CPP_MIN_LOG_LEVEL": "0"}
 
 
+@pytest.mark.slow  # a process of its own
 def test_training_unreachable_tpu_is_one_line(tmp_path):
     r = run_cli("training.py", "tiny", str(tmp_path / "run"), "--tpu", "no-such-tpu-here",
                 env=VERBOSE_TF, timeout=300)
@@ -221,6 +222,7 @@ def test_training_unreachable_tpu_is_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # a process of its own
 def test_convert_bad_source_is_one_line(tmp_path):
     r = run_cli("-m", "models.convert", "--dataset", "tiny", str(tmp_path / "none"),
                 str(tmp_path / "out"), env=VERBOSE_TF)
@@ -230,6 +232,7 @@ def test_convert_bad_source_is_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # a process of its own
 def test_eval_teacher_batch_of_one_prints_nothing_on_stderr(tmp_path):
     # a batch of one through the compiled DDIM loop, at the most verbose TensorFlow log level
     r = run_cli("eval.py", "figures", str(tmp_path), "digits", "--n_images", "1", "--sampler",

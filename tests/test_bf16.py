@@ -93,6 +93,7 @@ def test_speed_bf16_times_the_student_in_bfloat16_too(capsys):
     assert "student, bfloat16:" in out and "x float32; largest output difference" in out
 
 
+@pytest.mark.slow
 def test_export_bf16_computes_in_bfloat16_near_float32(tiny_teacher, tmp_path, capsys):
     import tensorflow as tf
 

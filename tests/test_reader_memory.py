@@ -85,6 +85,7 @@ def make_set(folder, n_shards: int, per_shard: int) -> int:
     return total
 
 
+@pytest.mark.slow  # a process of its own
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
 def test_the_reader_holds_a_few_groups_not_the_whole_set(tmp_path):
     make_set(tmp_path / "tiny", 2, BATCH // 2)

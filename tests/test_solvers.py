@@ -62,8 +62,9 @@ def test_same_images_as_diffusers_on_the_same_network_and_noise(steps):
                                             solver_plan(dpmpp(steps))))(x_T).numpy()
     scheduler = diffusers_scheduler(steps)
     x = torch.from_numpy(x_T.numpy())
+    eps_model = tf.function(lambda v, t: model(v, tf.fill([4], t)))
     for t in scheduler.timesteps:  # diffusers' own loop, our network as its eps model
-        eps = model(tf.constant(x.numpy()), tf.fill([4], int(t))).numpy()
+        eps = eps_model(tf.constant(x.numpy()), tf.constant(int(t))).numpy()
         x = scheduler.step(torch.from_numpy(eps), t, x).prev_sample
     theirs = x.numpy()
     assert np.abs(ours).max() > 0.1  # a real image-sized output, not a trivial one

@@ -7,7 +7,6 @@ import numpy as np
 from PIL import Image
 
 from utils.fileio import atomic_write
-from utils.errors import UserError
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -59,15 +58,6 @@ def save_png(path: str, image: np.ndarray) -> None:
         image = image[..., 0]
     with atomic_write(path) as f:
         Image.fromarray(image).save(f, format="PNG")
-
-
-def load_png(path: str) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            a = np.asarray(im)
-    except (OSError, SyntaxError):  # PIL's errors for truncated or broken files
-        raise UserError(f"{path}: not a readable image (truncated or corrupt)") from None
-    return a[..., None] if a.ndim == 2 else a
 
 
 def png_ok(path: str, size: tuple[int, int]) -> bool:

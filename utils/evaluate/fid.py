@@ -617,6 +617,7 @@ def _reference_statistics(req: FIDRequest, net, images, keep: bool, say) -> Stat
 
 def measure_digits(req: FIDRequest, say=print) -> float:
     """digits: the Frechet distance of the digit classifier's features to the held-out digits."""
+    from utils.evaluate import digit_classifier as dc
     from utils.evaluate.digit_classifier import digits_fd
     given = [f for f, v in (("--reference", req.reference), ("--save_stats", req.save_stats),
                             ("--inception", req.inception), ("--real", req.real),
@@ -632,6 +633,13 @@ def measure_digits(req: FIDRequest, say=print) -> float:
         batches, _ = _samples(req, req.seed)
     images = np.concatenate(list(batches))
     value = digits_fd(images)
+    probs = dc.class_probabilities(images)
+    shares = dc.class_shares(probs)
+    near = np.median(dc.nearest_distances(images, dc.real_digits_uint8("train")))
+    real = dc.confident_share(dc.class_probabilities(dc.real_digits_uint8("test")))
+    say(f"confident (one class with p > {dc.CONFIDENT}): {dc.confident_share(probs):.1%} of the "
+        f"images (the real held-out digits: {real:.0%}); classes {shares.min():.1%}-{shares.max():.1%} "
+        f"(balanced: 10% each); median distance to the nearest training digit {near:.2f}")
     say(f"FD of {len(images):,} {req.cfg.name} images vs the real held-out digits, in the digit "
         f"classifier's features: {value:.4f}")
     return value
