@@ -4,7 +4,7 @@
     python eval.py figures ./figures cifar10 --n_images 49      # needs the released students
     python eval.py tofolder ./imgs lsun_church                   # one PNG per image; resumes if killed
     python eval.py interpolate ./figures celeba                  # slerp between noise vectors
-    python eval.py speed cifar10                                 # student vs DDIM teacher, img/s
+    python eval.py speed cifar10                                 # student vs its teacher, img/s
     python eval.py info cifar10                                  # settings; parameters: 35,746,307
     python eval.py fid cifar10 --images ./imgs --reference cifar10_train.npz
     python eval.py export ./export/cifar10_hf cifar10 --format diffusers   # UNet2DModel for PyTorch
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fid_batch", type=positive_int, default=50,
                    help="images per Inception call, at most (default 50; samples come in "
                         "--batch_size batches)")
-    p = sub.add_parser("speed", help="images/s of the student and of the DDIM teacher",
-                       description="images/s of the student and of the DDIM teacher")
+    p = sub.add_parser("speed", help="images/s of the student and of its teacher's solver loop",
+                       description="images/s of the student and of its teacher's solver loop")
     _dataset_arg(p)
     g = p.add_argument_group("measurement")
     g.add_argument("--batch_size", type=positive_int, default=64, help="images per call")
@@ -187,17 +187,22 @@ def next_free(folder: str, stem: str) -> str:
     return os.path.join(folder, f"{stem}_{k}.png")
 
 
-def _sampler(args, cfg, rewrite: bool = True):
-    """The sampling function: the student's one step, or (--sampler teacher) its solver loop."""
+def _teacher_sampler(args, cfg):
+    """--sampler teacher: its SamplerConfig (--solver ...); None for the student."""
     from models.diffusion import choose_sampler
-    from utils.evaluate.sampling import make_sampler
-    from utils.precision import network_precision
-    teacher = None
-    if args.sampler == "teacher" or args.solver or args.solver_steps or args.solver_spacing:
-        if args.sampler != "teacher":
+    if args.sampler != "teacher":
+        if args.solver or args.solver_steps or args.solver_spacing:
             raise UserError("--solver, --solver_steps and --solver_spacing choose the teacher's "
                             "sampler: add --sampler teacher")
-        teacher = choose_sampler(cfg.sampler, args.solver, args.solver_steps, args.solver_spacing)
+        return None
+    return choose_sampler(cfg.sampler, args.solver, args.solver_steps, args.solver_spacing)
+
+
+def _sampler(args, cfg, rewrite: bool = True):
+    """The sampling function: the student's one step, or (--sampler teacher) its solver loop."""
+    from utils.evaluate.sampling import make_sampler
+    from utils.precision import network_precision
+    teacher = _teacher_sampler(args, cfg)
     dtype, xla = network_precision(args.bf16, args.xla, rewrite)
     return make_sampler(cfg, args.model_dir, teacher=teacher, compute_dtype=dtype, xla=xla)
 
@@ -285,6 +290,11 @@ against its held-out digits (a Frechet distance, not an FID): no Inception optio
 
 def cmd_fid(args, cfg) -> None:
     from utils.evaluate.fid import FIDRequest, measure
+    if args.images or args.real:
+        if args.sampler != "student" or args.solver or args.solver_steps or args.solver_spacing:
+            raise UserError(f"--sampler and --solver draw samples: not with "
+                            f"{'--images' if args.images else '--real'}")
+    _teacher_sampler(args, cfg)  # a bad solver choice is refused before Inception loads
     # --bf16 samples by the compute dtype (rewrite=False): the CPU's graph rewrite would reach
     # the Inception network too
     measure(FIDRequest(

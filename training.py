@@ -142,7 +142,8 @@ def stage_pairs(args: argparse.Namespace, cfg: DatasetConfig, strategy, teacher_
     gen_batch = (args.gen_batch_size or cfg.pairs.gen_batch_size
                  or 2 * student_settings(args, cfg).train.batch_size)
     run = Generation(gen_batch, xla=args.xla, bf16=args.bf16, raw_teacher=args.raw_teacher,
-                     progress=not args.no_progress, no_generate=args.no_generate)
+                     progress=not args.no_progress, no_generate=args.no_generate,
+                     check_sampler=bool(args.solver or args.solver_steps or args.solver_spacing))
     return ensure_pairs(pair_folder(args, cfg), cfg, settings, teacher_path, strategy, run)
 
 

@@ -108,6 +108,7 @@ class Generation:
     raw_teacher: bool = False
     progress: bool = True
     no_generate: bool = False
+    check_sampler: bool = False  # a sampler asked for: an existing set must have been made with it
 
 
 def ensure_pairs(folder: str, cfg: DatasetConfig, settings: PairSettings, teacher_path: str,
@@ -120,6 +121,9 @@ def ensure_pairs(folder: str, cfg: DatasetConfig, settings: PairSettings, teache
                 and any(f.startswith("y_train_") for f in fileio.listdir(folder)))
     if run.no_generate or original:
         open_pair_set(folder, cfg.network.image_shape)  # complete, or a one-line error
+        if run.check_sampler and manifest is not None:
+            _check_same_settings(folder, {"sampler": header(manifest)["sampler"]},
+                                 {"sampler": settings.sampler})
         return folder
     complete = manifest is not None and is_complete(manifest)
     precision, dtype, xla = pairs_precision(run.bf16, header(manifest)["precision"] if complete

@@ -35,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from models.weights import load_unet, save_converted  # TensorFlow: after run() quietened it
+    from models.weights import load_unet, write_weights  # TensorFlow: after run() quietened it
     cfg = get_config(args.dataset)
     model, weights = load_unet(args.source, cfg, ema=not args.raw)
     print(f"read {weights.describe()}")
-    save_converted(model, args.out_dir, {
+    write_weights("converted", args.out_dir, model, {
         "dataset": cfg.name, "source": weights.source, "source_format": weights.format,
         "sha256": weights.sha256, "step": weights.step, "ema": weights.ema})
     print(f"wrote {args.out_dir}")

@@ -73,15 +73,15 @@ def choose_sampler(cfg: SamplerConfig, solver: str | None = None, steps: int | N
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if spacing is not None and spacing not in SPACINGS:
         raise UserError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    if steps is not None and steps < 1:
-        raise UserError(f"{steps} solver steps: at least 1")
-    if solver == "ddim":
-        return dataclasses.replace(cfg, solver=solver, steps=steps or cfg.steps,
-                                   skip_type=spacing or cfg.skip_type)
-    if cfg.eta:
-        raise UserError(f"eta {cfg.eta:g} is DDIM's: DPM-Solver++ is deterministic (eta 0)")
-    return dataclasses.replace(cfg, solver=solver, steps=steps or DPMPP_STEPS,
-                               skip_type=spacing or cfg.skip_type)
+    chosen = dataclasses.replace(
+        cfg, solver=solver, skip_type=spacing or cfg.skip_type,
+        steps=steps if steps is not None else (cfg.steps if solver == "ddim" else DPMPP_STEPS))
+    least = 2 if chosen.skip_type == "quadratic" else 1  # one quadratic step is t = 0 alone
+    if not least <= chosen.steps <= cfg.num_timesteps:
+        raise UserError(f"{chosen.steps} {chosen.skip_type} solver steps: from {least} to "
+                        f"{cfg.num_timesteps}")
+    solver_plan(chosen)  # refuses what the solver cannot do (dpmpp_2m with eta)
+    return chosen
 
 
 def describe_sampler(cfg: SamplerConfig) -> str:

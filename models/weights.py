@@ -60,17 +60,23 @@ def read_weights(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
     return FORMATS[detect_format(path)].read(path, cfg, ema)
 
 
-def write_weights(fmt: str, folder: str, model: UNet, meta: dict) -> list[str]:
-    """The model's weights in format `fmt` into `folder`; returns the file names written."""
+def write_weights(fmt: str, folder: str, model: UNet, meta: dict, replace: bool = False
+                  ) -> list[str]:
+    """The model's weights in format `fmt` into `folder` (a new or empty one, unless `replace`);
+    returns the file names written."""
     if not hasattr(FORMATS.get(fmt), "write"):
         raise WeightsError(f"no writer for the {fmt} format")
-    return FORMATS[fmt].write(folder, model, meta)
+    return FORMATS[fmt].write(folder, model, meta, replace=replace)
 
 
 def candidates(folders: list[str], cfg: DatasetConfig, role: str) -> list[str]:
-    """Where any format's weights for `role` would be inside `folders`, in search order."""
+    """Where any format's weights for `role` would be inside `folders`, in search order (for a
+    teacher, first the official release's layout: cfg.teacher_file, e.g.
+    diffusion_cifar10_model/model.ckpt-790000 or celeba/ckpt.pth)."""
     out = []
     for folder in folders:
+        if role == "teacher" and cfg.teacher_file:
+            out.append(os.path.join(folder, cfg.teacher_file))
         for fmt in FORMATS.values():
             out += [p for p in fmt.locate(folder, cfg, role) if p not in out]
     return out
@@ -78,8 +84,13 @@ def candidates(folders: list[str], cfg: DatasetConfig, role: str) -> list[str]:
 
 def find_weights(folders: list[str], cfg: DatasetConfig, role: str) -> str | None:
     """The first weights found for `role` ("student" or "teacher") inside `folders`."""
-    return next((p for p in candidates(folders, cfg, role)
-                 if fileio.exists_or_prefix(p) and recognise(p)), None)
+    for path in candidates(folders, cfg, role):
+        try:
+            if fileio.exists_or_prefix(path) and recognise(path):
+                return path
+        except WeightsError:  # e.g. a folder of several TF checkpoints: not this one
+            continue
+    return None
 
 
 def shipped(cfg: DatasetConfig, role: str) -> str | None:
@@ -104,8 +115,7 @@ def find_teacher(cfg: DatasetConfig) -> str:
     """The dataset's teacher: shipped in models/pretrained, else in the default folders."""
     found = shipped(cfg, "teacher") or find_weights(list(DEFAULT_TEACHER_DIRS), cfg, "teacher")
     if found is None:
-        where = [p for p in candidates(list(DEFAULT_TEACHER_DIRS), cfg, "teacher")
-                 if os.path.basename(p) not in ("", ".") and p.rstrip("/") not in DEFAULT_TEACHER_DIRS]
+        where = candidates(list(DEFAULT_TEACHER_DIRS), cfg, "teacher")
         raise WeightsError(f"no teacher weights for {cfg.name}: pass --teacher, or put them at one "
                            f"of {', '.join(where)} ({TEACHER_SOURCES}), or train one with "
                            f"--teacher_dataset")

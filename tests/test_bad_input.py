@@ -101,6 +101,10 @@ EVAL_CASES = [
     (["figures", "RUN", "cifar10", "--model_dir", "EMPTY"], "no cifar10 student in EMPTY"),
     (["figures", "RUN", "tiny", "--sampler", "teacher"], "no shipped tiny teacher"),
     (["figures", "RUN", "digits", "--solver", "dpmpp_2m"], "add --sampler teacher"),
+    (["fid", "digits", "--solver", "dpmpp_2m"], "add --sampler teacher"),
+    (["fid", "tiny", "--images", "BADPNG", "--sampler", "teacher"], "not with --images"),
+    (["figures", "RUN", "digits", "--sampler", "teacher", "--solver_steps", "5000"],
+     "from 2 to 1000"),
     (["speed", "tiny", "--solver", "euler"], "argument --solver: invalid choice: 'euler'"),
     *[case for cmd, table in EVAL_NUMBERS.items()
       for case in numeric_cases([cmd, *(["RUN"] if cmd in ("figures", "tofolder", "interpolate")

@@ -109,9 +109,9 @@ def write_graph_with_head(path, bias: float = 3.0):
 
 def is_reference(probs, splits=10):
     """Salimans et al. 2016 as improved-gan's inception_score.py: exp(E KL(p(y|x) || p(y)))."""
-    n, scores = len(probs) // splits, []
-    for i in range(splits):
-        p = probs[i * n:(i + 1) * n].astype(np.float64)
+    scores = []
+    for i in range(splits):  # inception_score.py's slices: every image in some split
+        p = probs[(i * len(probs) // splits):((i + 1) * len(probs) // splits)].astype(np.float64)
         marginal = p.mean(0)
         scores.append(np.exp(np.mean([np.sum(q * (np.log(q) - np.log(marginal))) for q in p])))
     return np.mean(scores), np.std(scores)
@@ -126,7 +126,7 @@ def test_inception_score_uses_the_matmul_weights_without_the_bias(tmp_path):
     w_cls, b_cls = write_graph_with_head(tmp_path / "g.pb")
     net = inception.load_inception(str(tmp_path / "g.pb"))
     assert net.has_classifier
-    images = np.random.default_rng(4).integers(0, 256, (40, 5, 7, 3), dtype=np.uint8)
+    images = np.random.default_rng(4).integers(0, 256, (43, 5, 7, 3), dtype=np.uint8)  # not 10k
     feats, probs = net.features_and_probs(images)
     np.testing.assert_allclose(feats, net(images), rtol=1e-6)
     np.testing.assert_allclose(probs, softmax(feats.astype(np.float64) @ w_cls), rtol=1e-4,
@@ -246,6 +246,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         (["--images", a, "--metrics", "pr", "--reference", ttur_stats, "--inception", g_head],
          "pr need the features"),
         (["--images", a, "--n_runs", "2", "--reference", ttur_stats], "not with --images"),
+        (["--images", a, "--metrics", "is", "--reference", a, "--inception", g_head],
+         "is needs at least 10 images a side; the measured set has 6"),
+        (["--images", a, "--metrics", "pr", "--reference", image_folder(tmp_path / "three", 3, 2),
+          "--inception", g_head], "pr needs at least 4 images a side; the reference set has 3"),
     ]
     for extra, says in cases:
         before = sorted(os.listdir(tmp_path))

@@ -158,6 +158,13 @@ def test_another_sampler_is_refused_naming_both(reference_set, teacher, tmp_path
     assert files_of(folder) == before
 
 
+def test_no_generate_with_another_sampler_is_refused(reference_set, teacher, tmp_path, capsys):
+    code, _, err = generate(teacher, reference_set, capsys, "--no_generate", "--solver",
+                            "dpmpp_2m")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "sampler: DDIM, 10 quadratic steps" in err and "DPM-Solver++(2M), 16 quadratic" in err
+
+
 def test_dpmpp_pairs_are_the_solvers_output_and_recorded(teacher, tmp_path, capsys):
     folder = str(tmp_path / "dpmpp")
     code, _, err = generate(teacher, folder, capsys, "--solver", "dpmpp_2m", "--solver_steps",

@@ -117,8 +117,10 @@ def test_quadratic_spacing_is_the_datasets_timesteps():
 
 @pytest.mark.parametrize("bad, says", [
     (dict(solver="heun"), "unknown solver 'heun'"),
-    (dict(solver="dpmpp_2m", steps=0), "at least 1"),
+    (dict(solver="dpmpp_2m", steps=0), "0 quadratic solver steps: from 2"),
     (dict(solver="ddim", spacing="karras"), "unknown spacing"),
+    (dict(solver="dpmpp_2m", steps=2000, spacing="uniform"), "from 1 to 1000"),
+    (dict(solver="ddim", steps=1), "1 quadratic solver steps: from 2 to 1000"),
 ])
 def test_bad_solver_choices_are_refused(bad, says):
     with pytest.raises(UserError, match=says):

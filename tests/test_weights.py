@@ -234,3 +234,30 @@ def test_errors_under_a_long_path_are_short_and_whole(tf1_ckpt, tmp_path, recwar
             load_unet(str(pth), TINY)
         assert str(e.value) == f"{pth}: unreadable PyTorch checkpoint (incomplete or corrupt)"
     assert not recwarn.list
+
+
+def test_the_teacher_search_goes_through_every_format_and_skips_what_is_not_one(tmp_path,
+                                                                                monkeypatch):
+    """models.weights.find_teacher: the official release's layout in the default folders, found
+    through the format registry; a folder of several checkpoints is passed over, not an error;
+    weights lying loose in a default folder are nobody's teacher."""
+    from models import weights
+    cifar10 = CONFIGS["cifar10"]
+    dirs = [str(tmp_path / d) for d in ("teachers", "official_models", "Original_Models")]
+    monkeypatch.setattr(weights, "DEFAULT_TEACHER_DIRS", tuple(dirs))
+    with pytest.raises(WeightsError, match="diffusion_cifar10_model/model.ckpt-790000") as e:
+        weights.find_teacher(cifar10)
+    assert "model_tf2_cifar10.h5" in str(e.value) and "\n" not in str(e.value)
+    several = tmp_path / "teachers" / "cifar10"
+    several.mkdir(parents=True)
+    for name in ("a.index", "b.index"):
+        (several / name).write_bytes(b"")
+    save_converted(UNet(TINY.network), str(tmp_path / "teachers" / "loose"), {"dataset": "tiny"})
+    official = tmp_path / "official_models" / "diffusion_cifar10_model"
+    official.mkdir(parents=True)
+    (official / "model.ckpt-790000.index").write_bytes(b"")
+    assert weights.find_teacher(cifar10) == str(official / "model.ckpt-790000")
+    h5 = tmp_path / "Original_Models" / "model_tf2_celeba.h5"
+    h5.parent.mkdir()
+    h5.write_bytes(b"")
+    assert weights.find_teacher(CONFIGS["celeba"]) == str(h5)

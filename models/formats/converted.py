@@ -90,10 +90,11 @@ def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
 
 def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
     """A training run's best/ (else last/), a converted folder, or one named after the dataset."""
-    inside = ["best", "last"] if role == "student" else []
-    return [folder] + [os.path.join(folder, d) for d in inside] + [os.path.join(folder, cfg.name)]
+    if role == "teacher":
+        return [os.path.join(folder, cfg.name)]
+    return [folder] + [os.path.join(folder, d) for d in ("best", "last", cfg.name)]
 
 
-def write(folder: str, model: UNet, meta: dict) -> list[str]:
-    save_converted(model, folder, meta)
+def write(folder: str, model: UNet, meta: dict, replace: bool = False) -> list[str]:
+    save_converted(model, folder, meta, replace=replace)
     return sorted(fileio.listdir(folder))

@@ -2,7 +2,6 @@
 torch.load(weights_only=True)."""
 from __future__ import annotations
 
-import os
 import re
 import warnings
 
@@ -85,5 +84,4 @@ def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
 
 
 def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
-    """DDIM's release layout: celeba/ckpt.pth."""
-    return [os.path.join(folder, cfg.teacher_file)] if role == "teacher" and cfg.teacher_file else []
+    return []  # the official release's layout (DatasetConfig.teacher_file): weights.find_teacher

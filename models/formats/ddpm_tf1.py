@@ -86,5 +86,4 @@ def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
 
 
 def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
-    """The official release's layout: diffusion_{dataset}_model/model.ckpt-{step}."""
-    return [os.path.join(folder, cfg.teacher_file)] if role == "teacher" and cfg.teacher_file else []
+    return []  # the official release's layout (DatasetConfig.teacher_file): weights.find_teacher

@@ -352,9 +352,10 @@ def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
 
 
 def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
-    return [folder, os.path.join(folder, cfg.name)]
+    return ([] if role == "teacher" else [folder]) + [os.path.join(folder, cfg.name)]
 
 
-def write(folder: str, model: UNet, meta: dict) -> list[str]:
+def write(folder: str, model: UNet, meta: dict, replace: bool = False) -> list[str]:
+    """Into a folder the caller made (eval.py export writes it whole, then renames it)."""
     params = {name: v.numpy() for name, v in official_variables(model).items()}
     return write_diffusers(folder, params, model.cfg, {k: str(v) for k, v in meta.items()})

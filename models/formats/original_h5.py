@@ -111,5 +111,6 @@ def read(path: str, cfg: DatasetConfig, ema: bool = True) -> Weights:
 def locate(folder: str, cfg: DatasetConfig, role: str) -> list[str]:
     """The original release's names: {dataset}_ema_model.h5 (students), model_tf2_{dataset}.h5
     (teachers)."""
-    name = f"{cfg.name}_ema_model.h5" if role == "student" else f"model_tf2_{cfg.name}.h5"
-    return [folder, os.path.join(folder, name)]
+    if role == "teacher":
+        return [os.path.join(folder, f"model_tf2_{cfg.name}.h5")]
+    return [folder, os.path.join(folder, f"{cfg.name}_ema_model.h5")]

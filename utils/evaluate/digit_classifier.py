@@ -265,10 +265,14 @@ def nearest_distances(images_uint8: np.ndarray, reference: np.ndarray) -> np.nda
     Samples that copy training digits sit much closer to the training set than held-out real
     digits do; this is the number to compare.
     """
-    a = DigitFeatures.to_float(images_uint8).reshape(len(images_uint8), -1).astype(np.float64)
     b = DigitFeatures.to_float(reference).reshape(len(reference), -1).astype(np.float64)
-    sq = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
-    return np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+    out = np.empty(len(images_uint8))
+    for start in range(0, len(images_uint8), 4096):  # blocks: memory does not grow with n
+        a = DigitFeatures.to_float(images_uint8[start:start + 4096]).reshape(-1, b.shape[1])
+        a = a.astype(np.float64)
+        sq = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
+        out[start:start + len(a)] = np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+    return out
 
 
 # -- CLI ------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ against which reference (statistics, a folder, the dataset's real images cached 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -415,6 +417,8 @@ def measure(req: FIDRequest, say=print) -> dict | None:
         return {"fd": measure_digits(req, say)}
     from utils.evaluate.inception import load_inception
     _check_request(req)
+    if req.make_sampler is not None:  # built (the weights loaded, traced) once for all runs
+        req = dataclasses.replace(req, make_sampler=functools.cache(req.make_sampler))
     # Everything that can fail is checked before the hours of feature extraction: folders and
     # files first (instant), then the network, the weights and the dataset.
     folder = ImageFolder(req.images, req.fid_batch, limit=req.n_images) if req.images else None
@@ -429,6 +433,7 @@ def measure(req: FIDRequest, say=print) -> dict | None:
     if reference is None and not req.real:
         reference, ref_name = _default_reference(req, net)
         _check_network(req, net, reference)
+    _check_counts(req, folder, reference)
     keep = bool(set(req.metrics) & set(NEEDS_FEATURES)) or req.save_stats is not None
     extract = net.features_and_probs if "is" in req.metrics else net
     runs = []
@@ -458,7 +463,8 @@ def measure(req: FIDRequest, say=print) -> dict | None:
             "reference": ref_name, "n_reference": reference.count, "seeds":
                 [req.seed + r for r in range(req.n_runs)] if not (req.images or req.real) else None,
             "settings": {"kid_subsets": KID_SUBSETS, "kid_subset_size": KID_SUBSET_SIZE,
-                         "kid_seed": req.seed, "pr_k": PR_K, "is_splits": IS_SPLITS},
+                         "kid_seeds": [req.seed + r for r in range(req.n_runs)], "pr_k": PR_K,
+                         "is_splits": IS_SPLITS},
             "results": results})
         say(f"wrote {req.json_path}")
     return results
@@ -482,6 +488,24 @@ def _check_request(req: FIDRequest) -> None:
         raise FIDError("--save_stats keeps the statistics of one set: not with --n_runs")
 
 
+MIN_IMAGES = {"pr": PR_K + 1, "is": IS_SPLITS, "kid": 2, "fid": 2}
+
+
+def _check_counts(req: FIDRequest, folder: ImageFolder | None, reference) -> None:
+    """Enough images on each side for every metric asked for, known before the pass."""
+    measured = folder.num_examples if folder is not None else (
+        req.n_images or (None if req.real else DEFAULT_SAMPLES))
+    ref = (len(reference.features) if isinstance(reference, Statistics) and
+           reference.features is not None else getattr(reference, "num_examples", None))
+    for metric in req.metrics:
+        need = MIN_IMAGES[metric]
+        sides = [(measured, "measured")] + ([] if metric == "is" else [(ref, "reference")])
+        for n, side in sides:
+            if n is not None and n < need:
+                raise FIDError(f"{metric} needs at least {need} images a side; the {side} set "
+                               f"has {n}")
+
+
 def _check_network(req: FIDRequest, net, reference) -> None:
     """Refuse, before any work, what this network or these statistics cannot give."""
     from utils.evaluate.inception import TTUR_FILE, TTUR_URL
@@ -503,16 +527,20 @@ def scores(metrics: tuple[str, ...], stats: Statistics, reference: Statistics, s
     """{metric: value or (mean, std)} of the measured statistics against the reference."""
     from utils.evaluate import metrics as m
     out = {}
-    for metric in metrics:
-        if metric == "fid":
-            out["fid"] = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
-        elif metric == "kid":
-            out["kid"] = m.kid(stats.features, reference.features, seed=seed)
-        elif metric == "pr":
-            out["precision"], out["recall"] = m.precision_recall(stats.features,
-                                                                 reference.features)
-        elif metric == "is":
-            out["is"] = m.inception_score(stats.probs)
+    try:
+        for metric in metrics:
+            if metric == "fid":
+                out["fid"] = frechet_distance(stats.mu, stats.sigma, reference.mu,
+                                              reference.sigma)
+            elif metric == "kid":
+                out["kid"] = m.kid(stats.features, reference.features, seed=seed)
+            elif metric == "pr":
+                out["precision"], out["recall"] = m.precision_recall(stats.features,
+                                                                     reference.features)
+            elif metric == "is":
+                out["is"] = m.inception_score(stats.probs)
+    except ValueError as e:  # what no count check could tell before (a dataset of unknown size)
+        raise FIDError(str(e)) from None
     return out
 
 
@@ -551,8 +579,8 @@ def _count(stats: Statistics) -> str:
 
 def _warn_small(what: str, n: int | None, say) -> None:
     if n is not None and n < STABLE_COUNT:
-        say(f"warning: {n:,} {what}: with fewer than {STABLE_COUNT:,} images the FID is biased "
-            f"and unstable (the paper's is over 50,000)")
+        say(f"warning: {n:,} {what}: with fewer than {STABLE_COUNT:,} images FID, precision and "
+            f"recall are biased and unstable (the paper's FID is over 50,000; KID is unbiased)")
 
 
 def _samples(req: FIDRequest, seed: int) -> tuple[Iterator[np.ndarray], int]:

@@ -93,13 +93,13 @@ def precision_recall(gen: np.ndarray, real: np.ndarray, k: int = PR_K) -> tuple[
 
 def inception_score(probs: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
     """(mean, std) over `splits` equal parts of exp(mean KL(p(y|x) || p(y))), as improved-gan."""
-    n = len(probs) // splits
-    if n < 1:
+    n = len(probs)
+    if n < splits:
         raise ValueError(f"the Inception Score needs at least {splits} images")
     probs = np.asarray(probs, np.float64)
     scores = []
-    for i in range(splits):
-        part = probs[i * n:(i + 1) * n]
+    for i in range(splits):  # improved-gan's parts: [i N / splits, (i + 1) N / splits)
+        part = probs[i * n // splits:(i + 1) * n // splits]
         kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
         scores.append(np.exp(kl.sum(1).mean()))
     return float(np.mean(scores)), float(np.std(scores))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from models.configs import STEPS_PER_CALL, OptimConfig
 from models.unet import UNet, official_variables
-from models.weights import save_converted, variables_checkpoint
+from models.weights import variables_checkpoint, write_weights
 from utils import fileio
 from utils.errors import UserError
 from utils.fileio import write_json
@@ -257,7 +257,7 @@ class Stage:
     def export(self, folder: str, meta: dict) -> None:
         """The EMA weights into `folder` (replaced whole; chief only)."""
         if self.chief:
-            save_converted(self.trainer.ema, folder, meta, replace=True)
+            write_weights("converted", folder, self.trainer.ema, meta, replace=True)
 
     def run(self, *, steps_per_epoch: int, make_dataset: DatasetFn,
             on_checkpoint: Callable[[int], None], ckpt_every: int, desc: str, progress: bool,
