@@ -289,7 +289,7 @@ against its held-out digits (a Frechet distance, not an FID): no Inception optio
 
 
 def cmd_fid(args, cfg) -> None:
-    from utils.evaluate.fid import FIDRequest, measure
+    from utils.evaluate.measure import FIDRequest, measure
     if args.images or args.real:
         if args.sampler != "student" or args.solver or args.solver_steps or args.solver_spacing:
             raise UserError(f"--sampler and --solver draw samples: not with "

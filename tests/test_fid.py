@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import tensorflow as tf
 
-from utils.evaluate import fid, inception
+from utils.evaluate import fid, image_sets, inception
 from utils.evaluate.fid import FIDError
 from utils.evaluate.inception import InceptionError
 
@@ -265,7 +265,7 @@ def test_inception_loader_errors(tmp_path):
 def test_reference_images_cifar10_mock(tmp_path):
     import tensorflow_datasets as tfds
     with tfds.testing.mock_data(num_examples=7):
-        ref = fid.reference_images("cifar10", "train", str(tmp_path), batch_size=3)
+        ref = image_sets.reference_images("cifar10", "train", str(tmp_path), batch_size=3)
         batches = list(ref)
         assert [b.shape for b in ref] == [b.shape for b in batches]  # re-iterable
     assert [b.shape for b in batches] == [(3, 32, 32, 3), (3, 32, 32, 3), (1, 32, 32, 3)]
@@ -275,23 +275,23 @@ def test_reference_images_cifar10_mock(tmp_path):
 def test_reference_images_celeba_mock(tmp_path):
     import tensorflow_datasets as tfds
     with tfds.testing.mock_data(num_examples=3):
-        batches = list(fid.reference_images("celeba", "train", str(tmp_path), batch_size=2))
+        batches = list(image_sets.reference_images("celeba", "train", str(tmp_path), batch_size=2))
     assert [b.shape for b in batches] == [(2, 64, 64, 3), (1, 64, 64, 3)]
     assert all(b.dtype == np.uint8 for b in batches)
 
 
 def test_reference_images_not_prepared_or_unknown(tmp_path):
     with pytest.raises(FIDError, match="not prepared") as e:
-        fid.reference_images("cifar10", "train", str(tmp_path))  # fails on the call, not later
+        image_sets.reference_images("cifar10", "train", str(tmp_path))  # fails on the call, not later
     assert "--reference" in str(e.value) and str(tmp_path) in str(e.value)
     with pytest.raises(FIDError, match="--reference"):
-        fid.reference_images("lsun_bedroom", "train", str(tmp_path))
+        image_sets.reference_images("lsun_bedroom", "train", str(tmp_path))
 
 
 def test_ddim_celeba_crop_picks_the_right_pixels():
     rows, cols = np.meshgrid(np.arange(218), np.arange(178), indexing="ij")
     img = np.stack([rows, cols, np.zeros_like(rows)], axis=-1).astype(np.uint8)
-    crop = fid.ddim_celeba_crop(img)
+    crop = image_sets.ddim_celeba_crop(img)
     assert crop.shape == (128, 128, 3)
     # DDIM: cx=89, cy=121 -> top = cy-64 = 57, left = cx-64 = 25, 128x128.
     assert tuple(crop[0, 0, :2]) == (57, 25)
@@ -299,7 +299,7 @@ def test_ddim_celeba_crop_picks_the_right_pixels():
     np.testing.assert_array_equal(crop[:, 0, 0], np.arange(57, 185))
     np.testing.assert_array_equal(crop[0, :, 1], np.arange(25, 153))
     with pytest.raises(ValueError):
-        fid.ddim_celeba_crop(np.zeros((64, 64, 3), np.uint8))
+        image_sets.ddim_celeba_crop(np.zeros((64, 64, 3), np.uint8))
 
 
 def test_ddim_celeba_resize_is_antialiased_bilinear():
@@ -314,6 +314,6 @@ def test_ddim_celeba_resize_is_antialiased_bilinear():
                 m[i, j] = t
     m /= m.sum(axis=1, keepdims=True)
     expected = np.einsum("ai,bj,ijc->abc", m, m, img.astype(np.float64))
-    got = fid.ddim_celeba_resize(img)
+    got = image_sets.ddim_celeba_resize(img)
     assert got.shape == (64, 64, 3) and got.dtype == np.uint8
     assert np.max(np.abs(got.astype(np.float64) - expected)) <= 1.0  # PIL's fixed-point rounding

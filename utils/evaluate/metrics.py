@@ -1,6 +1,6 @@
 """The sample-quality metrics besides FID, each as its reference implementation computes it, from
 the Inception features (and class probabilities) of one pass over each image set
-(utils/evaluate/fid.py makes the pass). The memory of the distance computations is bounded by
+(utils/evaluate/measure.py makes the pass). The memory of the distance computations is bounded by
 their blocks, not by the number of images.
 
   KID        Binkowski et al. 2018: the unbiased MMD^2 between the sets' pool_3 features with the
