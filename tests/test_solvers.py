@@ -101,11 +101,13 @@ def test_first_order_step_is_ddim_between_the_same_timesteps():
     np.testing.assert_allclose(one, ddim, atol=1e-5)
 
 
-def test_defaults_are_the_datasets_spacing_and_the_measured_calls():
-    from models.diffusion import DPMPP_STEPS
-    for name in ("cifar10", "lsun_church", "digits"):
+def test_defaults_are_the_datasets_spacing_and_a_quarter_of_ddims_calls():
+    # DDIM calls 96, 50, 49, 10; the uniform spacing (DDIM's code: stride T // N) makes 13 of 12
+    for name, steps, calls in (("cifar10", 24, 24), ("lsun_church", 12, 13), ("digits", 12, 12),
+                               ("tiny", 2, 2)):
         cfg = choose_sampler(CONFIGS[name].sampler, "dpmpp_2m")
-        assert (cfg.steps, cfg.skip_type) == (DPMPP_STEPS, CONFIGS[name].sampler.skip_type)
+        assert (cfg.steps, cfg.skip_type) == (steps, CONFIGS[name].sampler.skip_type)
+        assert solver_plan(cfg).n_calls == calls
     assert choose_sampler(CONFIGS["cifar10"].sampler) == CONFIGS["cifar10"].sampler  # the paper's
 
 

@@ -183,7 +183,7 @@ def add_flags(group, cls, choices: dict[str, tuple] | None = None) -> None:
 
 
 def add_solver_flags(group, solvers: tuple[str, ...], spacings: tuple[str, ...],
-                     default_steps: int) -> None:
+                     default_steps: str) -> None:
     """The teacher's sampler flags, the same on training.py and eval.py (models.diffusion
     .choose_sampler turns them into a SamplerConfig)."""
     group.add_argument("--solver", choices=solvers, default=None,
@@ -193,7 +193,7 @@ def add_solver_flags(group, solvers: tuple[str, ...], spacings: tuple[str, ...],
     group.add_argument("--solver_steps", type=positive_int, default=None, metavar="N",
                        help="the solver's timesteps = network calls (DDIM's quadratic spacing "
                             "skips its repeats: cifar10's 100 are 96 calls) (default: the "
-                            f"dataset's for ddim, {default_steps} for dpmpp_2m)")
+                            f"dataset's for ddim; for dpmpp_2m {default_steps})")
     group.add_argument("--solver_spacing", choices=spacings, default=None,
                        help="where the timesteps lie: quadratic or uniform (DDIM's code, from "
                             "t = 800 or 980; default: the dataset's, the paper's map) or "
