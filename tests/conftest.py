@@ -46,8 +46,8 @@ STUDENT = ["--batch_size", "32", "--n_eval", "32", "--no_generate", "--epochs", 
 
 # Modules in the order of their slow tests' length (measured): the end-to-end runs, then the
 # multi-process ones.
-LONGEST_FIRST = ["test_end_to_end.py", "test_training.py", "test_pairs.py", "test_storage.py",
-                 "test_export.py", "test_eval.py"]
+LONGEST_FIRST = ["test_end_to_end.py", "test_training.py", "test_pairs.py", "test_inception.py",
+                 "test_storage.py", "test_export.py", "test_eval.py"]
 
 
 @pytest.hookimpl(trylast=True)

@@ -15,9 +15,6 @@ from PIL import Image
 from tests.helpers import run_main
 from utils.evaluate import inception, metrics
 
-pytestmark = pytest.mark.xdist_group("inception")
-
-
 # -- the formulas, written out in NumPy -------------------------------------------------------------
 
 def kid_reference(gen, real, seed, subsets, size):

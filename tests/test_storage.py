@@ -253,8 +253,9 @@ def tiny_teacher_fn(teacher):
 
 @pytest.mark.slow
 def test_tiny_run_with_pairs_and_savedir_on_ram(tiny_teacher, tmp_path, capsys):
-    """Pairs and student, every file on ram:// (one process), resumed there; the pairs equal a
-    local generation, the exported weights load back. 2 steps an epoch, a checkpoint at its end."""
+    """Pairs and student, every file on ram:// (one process), resumed there; the exported weights
+    load back. 2 steps an epoch, a checkpoint at its end. (That pairs written on ram:// equal a
+    local generation: test_set_assembled_from_worker_parts_equals_the_one_worker_set[ram].)"""
     teacher = tiny_teacher  # the session's (tests/conftest.py)
     data, run = f"ram://{tmp_path.name}/pairs", f"ram://{tmp_path.name}/run"
     args = ["tiny", run, "--teacher", teacher, "--datadir", data, "--n_examples", "32",
@@ -264,10 +265,7 @@ def test_tiny_run_with_pairs_and_savedir_on_ram(tiny_teacher, tmp_path, capsys):
     code, out, err = run_main("training", args + ["--epochs", "1"], capsys)
     assert code == 0, err
     assert f"pairs: complete in {data}" in out
-    ref = str(tmp_path / "ref")
-    generate_pairs(ref, settings_for(TINY, seed=4, n_examples=32, shard_size=16, n_test=16),
-                   tiny_teacher_fn(teacher), 16, progress=False)
-    assert npy_files(data) == npy_files(ref)
+    assert len(npy_files(data)) == 2 * (2 + 1)  # x and y of 2 train shards and the held-out
     assert fileio.exists(f"{data}/preview.png") and fileio.exists(f"{data}/manifest.json")
     files = set(fileio.listdir(run))
     assert {"checkpoints", "logs", "samples", "config.json", "best", "last"} <= files, files
