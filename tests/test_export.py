@@ -106,6 +106,7 @@ def eval_pngs(tmp_path, capsys, *flags):
                      for i in range(N)])
 
 
+@pytest.mark.slow  # the export module fixture: a whole export and a fresh process
 def test_sample_is_bit_identical_to_eval_tofolder(fresh, tmp_path, capsys):
     pngs = eval_pngs(tmp_path, capsys)
     assert fresh["sample"].dtype == np.uint8 and fresh["sample"].shape == (N, 8, 8, 1)
@@ -113,17 +114,20 @@ def test_sample_is_bit_identical_to_eval_tofolder(fresh, tmp_path, capsys):
     assert np.array_equal(fresh["serving_default"], pngs)
 
 
+@pytest.mark.slow  # the export module fixture: a whole export and a fresh process
 def test_savedmodel_loads_in_a_tf1_session_like_tf_serving(fresh):
     # The TF1 loader restores variables through the SavedModel's saver, as TF Serving's C++ loader
     # does; Keras 3 variables exported through the Keras model come out uninitialised there.
     assert np.array_equal(fresh["session"], fresh["sample"])
 
 
+@pytest.mark.slow  # the export module fixture: a whole export and a fresh process
 def test_sample_edge_cases(fresh):
     assert fresh["empty"].shape == (0, 8, 8, 1) and fresh["empty"].dtype == np.uint8
     assert fresh["negative_n_refused"]
 
 
+@pytest.mark.slow  # the export module fixture: a whole export and a fresh process
 def test_denoise_matches_the_student_computed_here(fresh, reference):
     got = fresh["denoise"]
     assert got.dtype == np.uint8 and got.shape == reference.shape
@@ -132,6 +136,7 @@ def test_denoise_matches_the_student_computed_here(fresh, reference):
     assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
 
 
+@pytest.mark.slow  # the export module fixture: a whole export and a fresh process
 def test_tflite_float32_matches_the_student(export_dir, z, reference):
     with warnings.catch_warnings():
         # Still works in TF 2.21; its successor is the ai-edge-litert package.
@@ -142,6 +147,7 @@ def test_tflite_float32_matches_the_student(export_dir, z, reference):
     assert (np.abs(got.astype(int) - reference) <= 1).mean() >= 0.999
 
 
+@pytest.mark.slow  # the export module fixture: a whole export and a fresh process
 def test_fp16_tflite_loads_and_shrinks(export_dir, z, tmp_path):
     """Drift is reported by bench/export.py, not asserted; but the weights must really shrink
     (a converter that silently keeps float32 would keep the size). int8: the test at the end."""
@@ -152,6 +158,7 @@ def test_fp16_tflite_loads_and_shrinks(export_dir, z, tmp_path):
     assert os.path.getsize(path) < 0.6 * os.path.getsize(export_dir / "denoise_float32.tflite")
 
 
+@pytest.mark.slow  # the export module fixture: a whole export and a fresh process
 def test_readme_names_files_signatures_and_weights(export_dir):
     assert sorted(os.listdir(export_dir)) == ["README.txt", "denoise_float32.tflite", "saved_model"]
     text = (export_dir / "README.txt").read_text()
@@ -189,6 +196,7 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["empty"]
 
 
+@pytest.mark.slow  # an export, failing half-way
 def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
     import utils.evaluate.export
 
