@@ -34,7 +34,7 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser, n_images: int | None = 20,
                    n_help: str = "how many images") -> None:
-    from models.diffusion import DPMPP_CALL_FRACTION, SOLVERS, SPACINGS
+    from models.diffusion import solver_flags
     g = p.add_argument_group("sampling")
     g.add_argument("--n_images", type=positive_int, default=n_images, help=n_help)
     g.add_argument("--batch_size", type=positive_int, default=20, help="images per network call")
@@ -45,7 +45,7 @@ def _sampling_args(p: argparse.ArgumentParser, n_images: int | None = 20,
     g.add_argument("--sampler", choices=["student", "teacher"], default="student",
                    help="one-step student (default), or the teacher's solver loop run on the "
                         "weights (for comparisons; digits: the shipped teacher)")
-    add_solver_flags(g, SOLVERS, SPACINGS, f"1/{DPMPP_CALL_FRACTION} of DDIM's calls: digits 12, cifar10 24")
+    add_solver_flags(g, **solver_flags())
     _arithmetic_args(p)
 
 
@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("measurement")
     g.add_argument("--batch_size", type=positive_int, default=64, help="images per call")
     g.add_argument("--repeats", type=positive_int, default=3, help="timed runs (the best counts)")
-    from models.diffusion import DPMPP_CALL_FRACTION, SOLVERS, SPACINGS
-    add_solver_flags(g, SOLVERS, SPACINGS, f"1/{DPMPP_CALL_FRACTION} of DDIM's calls: digits 12, cifar10 24")
+    from models.diffusion import solver_flags
+    add_solver_flags(g, **solver_flags())
     g.add_argument("--model_dir", default=None, type=weights_path,
                    help="student weights (random weights if none: the cost depends only on the "
                         "architecture)")

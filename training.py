@@ -28,7 +28,7 @@ from utils.cli import (Parser, add_flags, add_solver_flags, existing_dir, nonemp
 
 def build_parser() -> argparse.ArgumentParser:
     # TensorFlow's modules: imported once run() has quietened it
-    from models.diffusion import DPMPP_CALL_FRACTION, LOSSES, SOLVERS, SPACINGS
+    from models.diffusion import LOSSES, solver_flags
     from models.weights import DEFAULT_TEACHER_DIRS
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", metavar="DATASET", choices=list(CONFIGS),
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen_batch_size", type=positive_int,
                    help="teacher batch for generation (default: per dataset, else twice the "
                         "training batch)")
-    add_solver_flags(g, SOLVERS, SPACINGS, f"1/{DPMPP_CALL_FRACTION} of DDIM's calls: digits 12, cifar10 24")
+    add_solver_flags(g, **solver_flags())
     g.add_argument("--generate_only", action="store_true", help="stop after stage 1")
     g.add_argument("--no_generate", action="store_true",
                    help="never generate: fail if the pair set is missing or incomplete")

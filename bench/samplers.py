@@ -36,7 +36,7 @@ import tensorflow as tf  # noqa: E402
 
 from bench.digits_quality import CFG, Table, draw, plan_sampler  # noqa: E402
 from models.configs import get_config  # noqa: E402
-from models.diffusion import SOLVER_NAMES, choose_sampler, describe_sampler, solver_plan  # noqa: E402
+from models.diffusion import SOLVERS, choose_sampler, describe_sampler, solver_plan  # noqa: E402
 from models.unet import UNet  # noqa: E402
 from models.weights import load_unet  # noqa: E402
 from utils.evaluate.sampling import default_teacher, load_student, noise_for  # noqa: E402
@@ -90,7 +90,7 @@ def quality(seeds: list[int], n: int, ddim: list[int], dpmpp: list[int], spacing
         sets = [draw(plan_sampler(teacher, plan, True)(s), n, s) for s in seeds]
         seconds = time.perf_counter() - start
         rmse = np.sqrt(np.mean((draw_float(teacher, plan, RMSE_N, seeds[0]) - exact[first]) ** 2))
-        name = f"{SOLVER_NAMES[sampler.solver]} {sampler.skip_type} {plan.n_calls} calls"
+        name = f"{SOLVERS[sampler.solver][0]} {sampler.skip_type} {plan.n_calls} calls"
         table.row(name[:38], sets, seconds, nn=False)
         print(f"#   {plan.n_calls} calls from t = {first}: RMSE to the exact solution "
               f"{rmse * 127.5:.2f} uint8 levels; {n * len(seeds) / seconds:,.0f} samples/s")

@@ -28,8 +28,6 @@ from models.configs import SamplerConfig
 from utils.errors import UserError
 
 STUDENT_T = 999  # the student is the teacher's network called at this constant timestep
-SOLVERS = ("ddim", "dpmpp_2m")
-SOLVER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)"}
 SPACINGS = ("quadratic", "uniform", "linspace")
 
 
@@ -75,8 +73,6 @@ def choose_sampler(cfg: SamplerConfig, solver: str | None = None, steps: int | N
     DPM-Solver++ solves more accurately in few calls than over diffusers' linspace, whose last
     step jumps from t = T/N straight to x0)."""
     solver = solver or cfg.solver
-    if solver not in SOLVERS:
-        raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if spacing is not None and spacing not in SPACINGS:
         raise UserError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     chosen = dataclasses.replace(
@@ -87,7 +83,7 @@ def choose_sampler(cfg: SamplerConfig, solver: str | None = None, steps: int | N
     if not least <= chosen.steps <= cfg.num_timesteps:
         raise UserError(f"{chosen.steps} {chosen.skip_type} solver steps: from {least} to "
                         f"{cfg.num_timesteps}")
-    solver_plan(chosen)  # refuses what the solver cannot do (dpmpp_2m with eta)
+    solver_plan(chosen)  # refuses an unknown solver, and what one cannot do (dpmpp_2m with eta)
     return chosen
 
 
@@ -95,7 +91,7 @@ def describe_sampler(cfg: SamplerConfig) -> str:
     """E.g. 'DDIM, 100 quadratic steps (96 network calls, from t = 800)'."""
     plan = solver_plan(cfg)
     eta = f", eta {cfg.eta:g}" if cfg.eta else ""
-    return (f"{SOLVER_NAMES[cfg.solver]}{eta}, {cfg.steps} {cfg.skip_type} steps "
+    return (f"{SOLVERS[cfg.solver][0]}{eta}, {cfg.steps} {cfg.skip_type} steps "
             f"({plan.n_calls} network calls, from t = {int(plan.t[0])})")
 
 
@@ -174,15 +170,27 @@ def dpmpp_2m_plan(cfg: SamplerConfig) -> SolverPlan:
                       x0_x=x0_x, x0_eps=x0_eps)
 
 
-PLANS: dict[str, Callable[[SamplerConfig], SolverPlan]] = {"ddim": ddim_plan,
-                                                            "dpmpp_2m": dpmpp_2m_plan}
+# The solvers, one entry each: (name in print, the function making its coefficient table). Adding
+# one here adds it to --solver, the pairs, eval and the teacher stage's grids.
+SOLVERS: dict[str, tuple[str, Callable[[SamplerConfig], SolverPlan]]] = {
+    "ddim": ("DDIM", ddim_plan),
+    "dpmpp_2m": ("DPM-Solver++(2M)", dpmpp_2m_plan),
+}
 
 
 def solver_plan(cfg: SamplerConfig) -> SolverPlan:
     """The coefficient table of the sampler `cfg` describes (its solver, steps and spacing)."""
-    if cfg.solver not in PLANS:
-        raise UserError(f"unknown solver {cfg.solver!r}; choose one of {', '.join(PLANS)}")
-    return PLANS[cfg.solver](cfg)
+    if cfg.solver not in SOLVERS:
+        raise UserError(f"unknown solver {cfg.solver!r}; choose one of {', '.join(SOLVERS)}")
+    return SOLVERS[cfg.solver][1](cfg)
+
+
+def solver_flags() -> dict:
+    """add_solver_flags' arguments (utils.cli): the solvers, spacings and dpmpp_2m's default."""
+    from models.configs import CONFIGS
+    calls = ", ".join(f"{n} {dpmpp_default_steps(CONFIGS[n].sampler)}" for n in ("cifar10", "digits"))
+    return dict(solvers=tuple(SOLVERS), spacings=SPACINGS,
+                default_steps=f"1/{DPMPP_CALL_FRACTION} of the dataset's DDIM calls: {calls}")
 
 
 def run_solver(eps_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], x_T: tf.Tensor,

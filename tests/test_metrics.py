@@ -101,7 +101,7 @@ def write_graph_with_head(path, bias: float = 3.0):
         logits = tf.matmul(flat, tf.constant(w_cls), name="softmax/logits/MatMul")
         tf.nn.softmax(tf.nn.bias_add(logits, b_cls, name="softmax/logits"), name="softmax")
     path.write_bytes(graph.as_graph_def().SerializeToString())
-    return w_cls, b_cls
+    return w_cls, b_cls, w_pool
 
 
 def is_reference(probs, splits=10):
@@ -120,7 +120,7 @@ def softmax(z):
 
 
 def test_inception_score_uses_the_matmul_weights_without_the_bias(tmp_path):
-    w_cls, b_cls = write_graph_with_head(tmp_path / "g.pb")
+    w_cls, b_cls, _ = write_graph_with_head(tmp_path / "g.pb")
     net = inception.load_inception(str(tmp_path / "g.pb"))
     assert net.has_classifier
     images = np.random.default_rng(4).integers(0, 256, (43, 5, 7, 3), dtype=np.uint8)  # not 10k
@@ -162,8 +162,22 @@ class Counting:
         return self.net.features_and_probs(images, probs)
 
 
+def graph_features_np(folder, w_pool):
+    """The small graph's pool_3 features of a folder's PNGs, in NumPy: relu((mean - 128) w)."""
+    images = np.stack([np.asarray(Image.open(os.path.join(folder, f)), np.float64)
+                       for f in sorted(os.listdir(folder))])
+    return np.maximum((images.mean(axis=(1, 2)) - 128.0) @ w_pool, 0)
+
+
+def fid_np(a, b):
+    """Frechet distance of two feature sets in NumPy (eigenvalues of S_a S_b, small d)."""
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s_a @ s_b).real, 0, None)).sum()
+    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b) - 2 * tr_sqrt
+
+
 def test_all_metrics_from_one_pass_per_set(tmp_path, capsys, monkeypatch):
-    write_graph_with_head(tmp_path / "g.pb")
+    w_cls, _, w_pool = write_graph_with_head(tmp_path / "g.pb")
     counting = Counting(inception.load_inception(str(tmp_path / "g.pb")))
     monkeypatch.setattr(inception, "load_inception", lambda path=None: counting)
     a, b = image_folder(tmp_path / "a", 40, 0), image_folder(tmp_path / "b", 30, 1, shift=20)
@@ -179,10 +193,21 @@ def test_all_metrics_from_one_pass_per_set(tmp_path, capsys, monkeypatch):
     for line in lines:
         assert "40 images of" in line and "30 images of" in line and "TTUR graph g.pb" in line
     assert "inside the reference's manifold" in lines[2] and "inside the measured" in lines[3]
+    # every value against the formulas on the graph's features computed here in NumPy
+    f_a, f_b = graph_features_np(a, w_pool), graph_features_np(b, w_pool)
+    precision, recall = pr_reference(f_a, f_b)
+    want = {"FID": fid_np(f_a, f_b), "KID": kid_reference(f_a, f_b, 0, 100, 30)[0],
+            "precision": precision, "recall": recall,
+            "IS": is_reference(softmax(f_a @ w_cls))[0]}
     result = json.load(open(tmp_path / "r.json"))["results"]
-    assert lines[1].endswith(f"{result['kid']['mean']:.4f} \u00b1 {result['kid']['std']:.4f}")
-    assert lines[4].endswith(f"{result['is']['mean']:.4f} \u00b1 {result['is']['std']:.4f}")
-    assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+    for line, (name, value) in zip(lines, want.items()):
+        printed = float(line.rsplit(": ", 1)[1].split()[0])  # 4 decimals, then KID's and IS's std
+        assert printed == pytest.approx(value, rel=1e-3, abs=1e-4), name
+        stored = result[name.lower()]
+        assert (stored["mean"] if isinstance(stored, dict) else stored) == pytest.approx(
+            value, rel=1e-3, abs=1e-5), name
+    # not a degenerate case: two different sets, a score above 1
+    assert want["FID"] > 1e-3 and want["KID"] > 1e-4 and want["IS"] > 1.01
 
 
 def test_statistics_keep_the_features_and_serve_every_metric(tmp_path, capsys):

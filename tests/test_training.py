@@ -263,3 +263,40 @@ def test_heldout_loss_falls_steadily_below_its_initial_value(tiny_student):
     assert w.dataset == "tiny" and w.ema
     meta = json.load(open(os.path.join(tiny_student, "best", "weights.json")))
     assert meta["heldout_loss_kind"] == "l1" and meta["heldout_loss"] == pytest.approx(min(held))
+
+
+def test_teacher_stream_is_its_definition_for_any_hosts_replicas_and_resume():
+    """Stage 0's data (utils.train.teacher.teacher_dataset): each epoch the images in a stateless
+    shuffle keyed by (seed, epoch), eps and t keyed by (seed, epoch, step), restated here from that
+    definition; any split over hosts and replicas, and a resume mid-epoch, give the same stream."""
+    from utils.train.teacher import TEACHER_KEY, teacher_dataset
+    images = np.random.default_rng(5).uniform(-1, 1, (20, 4, 4, 1)).astype(np.float32)
+    seed, batch, steps = 7, 4, 5  # 5 steps an epoch
+
+    def reference(epoch, step):
+        fold = lambda key, data: tf.random.experimental.stateless_fold_in(  # noqa: E731
+            key, tf.constant(data, tf.int64))  # int64 data: an int32 hashes otherwise
+        key = fold(tf.constant([seed, TEACHER_KEY], tf.int64), epoch)
+        order = tf.random.experimental.stateless_shuffle(tf.range(20, dtype=tf.int64), seed=key)
+        k = fold(key, step + 1)
+        eps = tf.random.stateless_normal([batch, 4, 4, 1], seed=k).numpy()
+        t = tf.random.stateless_uniform([batch], seed=k[::-1], maxval=1000, dtype=tf.int32).numpy()
+        return images[order[step * batch:(step + 1) * batch].numpy()], eps, t
+
+    def stream(epoch, start, hosts, local, n):
+        """n global batches, the hosts' per-replica parts put back together."""
+        parts = [list(teacher_dataset(images, batch, seed, 1000, epoch=epoch, start=start,
+                                      part=(h, hosts), local_replicas=local).take(n * local))
+                 for h in range(hosts)]
+        return [[np.concatenate([p[s * local + r][i].numpy() for p in parts for r in range(local)])
+                 for i in range(3)] for s in range(n)]
+    want = [reference(0, s) for s in range(steps)] + [reference(1, 0)]
+    for hosts, local in ((1, 1), (2, 1), (1, 2), (2, 2)):
+        got = stream(0, 0, hosts, local, steps + 1)  # into the next epoch
+        for g, w in zip(got, want):
+            for a, b in zip(g, w):
+                np.testing.assert_array_equal(a, b, err_msg=f"{hosts} hosts x {local}")
+    resumed = stream(0, 3, 1, 1, 3)  # from step 3 of epoch 0: steps 3, 4, then epoch 1
+    for g, w in zip(resumed, want[3:]):
+        for a, b in zip(g, w):
+            np.testing.assert_array_equal(a, b)

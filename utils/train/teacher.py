@@ -37,7 +37,7 @@ def teacher_dataset(images: np.ndarray, batch: int, seed: int, num_timesteps: in
     n, shape = len(images), images.shape[1:]
     data = tf.constant(images, tf.float32)
 
-    def one_epoch(e):
+    def one_epoch(e):  # e and step: int64 (Dataset.range), as the keys' definition has them
         key = tf.random.experimental.stateless_fold_in(tf.constant([seed, TEACHER_KEY], tf.int64), e)
         order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=key)
 
